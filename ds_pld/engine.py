@@ -1,0 +1,211 @@
+"""`ds_pld.initialize`: `deepspeed.initialize` plus Progressive Layer Dropping, LAMB and atomic checkpoints.
+
+Which theta a step uses: the forward/backward passes that produce optimizer step s (while `engine.global_steps == s`,
+s = 0, 1, ...) run with theta(s) = (1 - theta_bar) * exp(-gamma * s) + theta_bar, so the first step uses theta(0) = 1
+(no layer dropped) and there is no lag. DeepSpeed <= 0.19.5 updated theta after the step with the pre-increment
+counter, so its step s used theta(s - 1).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Protocol
+
+import deepspeed
+import torch
+from deepspeed import comm as dist
+from deepspeed.runtime.engine import DeepSpeedEngine
+
+from ds_pld.config import DsPldConfig, parse_config
+from ds_pld.config_errors import ConfigError
+from ds_pld.pld import ProgressiveLayerDrop, drop_seed
+
+STATE_KEY = "ds_pld"
+META_FILE = "ds_pld_meta.json"
+LATEST_FILE = "latest"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+def _forward_parameters(model: torch.nn.Module) -> tuple[set[str], bool]:
+    params = inspect.signature(model.forward).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return set(params), accepts_any
+
+
+def check_pld_model(model: torch.nn.Module) -> bool:
+    """Fail at initialize, not mid-training, if the model cannot take PLD's keywords; return whether it takes
+    `pld_seed` (our reproducible drop decisions)."""
+    names, accepts_any = _forward_parameters(model)
+    missing = {"progressive_layer_drop", "pld_theta"} - names
+    if missing and not accepts_any:
+        raise ConfigError(f"progressive_layer_drop is enabled but {type(model).__name__}.forward does not accept "
+                          f"the keyword argument(s) {sorted(missing)}; add them (see ds_pld.models.BertForPreTraining)")
+    return "pld_seed" in names
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write-then-rename, so a reader sees the old content or the new, never a truncated file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_checkpoint_meta(load_dir: str | Path, tag: str | None = None) -> dict[str, Any] | None:
+    """The metadata of the checkpoint `tag` (default: the one `latest` names), or None if there is none yet."""
+    load_dir = Path(load_dir)
+    if tag is None:
+        latest = load_dir / LATEST_FILE
+        if not latest.is_file():
+            return None
+        tag = latest.read_text().strip()
+    meta = load_dir / tag / META_FILE
+    if not meta.is_file():
+        raise ConfigError(f"checkpoint {str(load_dir / tag)!r} is incomplete (no {META_FILE}); it was not finished "
+                          f"and cannot be resumed")
+    return json.loads(meta.read_text())
+
+
+class DsPldEngine(DeepSpeedEngine):
+    """A DeepSpeedEngine (built by `deepspeed.initialize`, then given this class) that adds PLD's forward keywords,
+    per-optimizer-step theta updates and checkpointed extra state. Never constructed directly."""
+
+    ds_pld_config: DsPldConfig
+    progressive_layer_drop: ProgressiveLayerDrop | None
+    extra_state: dict[str, Stateful]
+    checkpoint_meta: dict[str, Any]
+
+    def _setup_ds_pld(self, config: DsPldConfig, passes_seed: bool) -> None:
+        self.ds_pld_config = config
+        self.progressive_layer_drop = None
+        if config.pld.enabled:
+            self.progressive_layer_drop = ProgressiveLayerDrop(theta=config.pld.theta, gamma=config.pld.gamma)
+            self.progressive_layer_drop.update_state(self.global_steps)
+        self._pld_passes_seed = passes_seed
+        self._pld_micro_step = 0
+        self.extra_state = {}
+        self.checkpoint_meta = {}
+
+    def get_pld_theta(self) -> float | None:
+        return None if self.progressive_layer_drop is None else self.progressive_layer_drop.get_theta()
+
+    def pld_forward_kwargs(self) -> dict[str, Any]:
+        """What the next training forward receives; the seed depends on (seed, step, micro-step) only."""
+        kwargs = self.progressive_layer_drop.get_state()
+        if self._pld_passes_seed:
+            kwargs["pld_seed"] = drop_seed(self.ds_pld_config.pld.seed, self.global_steps, self._pld_micro_step)
+        return kwargs
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        if self.progressive_layer_drop is not None and self.module.training:
+            kwargs.update(self.pld_forward_kwargs())
+            self._pld_micro_step += 1
+        return super().forward(*inputs, **kwargs)
+
+    def step(self, lr_kwargs: dict | None = None) -> None:
+        boundary = self.is_gradient_accumulation_boundary()
+        super().step(lr_kwargs)
+        if boundary:
+            self._pld_micro_step = 0
+            if self.progressive_layer_drop is not None:
+                self.progressive_layer_drop.update_state(self.global_steps)
+
+    def save_checkpoint(self, save_dir: str, tag: str | None = None, client_state: dict | None = None,
+                        save_latest: bool = True, exclude_frozen_parameters: bool = False) -> bool:
+        """DeepSpeed's checkpoint, then a metadata file that marks it complete, then an atomic `latest`: a crash at
+        any point leaves `latest` naming the previous complete checkpoint."""
+        tag = str(tag if tag is not None else f"global_step{self.global_steps}")
+        state = dict(client_state or {})
+        state[STATE_KEY] = {
+            "pld": None if self.progressive_layer_drop is None else self.progressive_layer_drop.state_dict(),
+            "extra": {name: obj.state_dict() for name, obj in self.extra_state.items()},
+        }
+        super().save_checkpoint(save_dir, tag=tag, client_state=state, save_latest=False,
+                                exclude_frozen_parameters=exclude_frozen_parameters)
+        if self.global_rank == 0:
+            meta = {"tag": tag, "global_steps": self.global_steps, "global_samples": self.global_samples,
+                    "world_size": self.world_size, "pld_theta": self.get_pld_theta(), **self.checkpoint_meta}
+            model_config = getattr(self.module, "config", None)
+            if hasattr(model_config, "to_dict"):
+                meta["model_config"] = model_config.to_dict()
+            write_atomic(Path(save_dir) / tag / META_FILE, json.dumps(meta, indent=2))
+            if save_latest:
+                write_atomic(Path(save_dir) / LATEST_FILE, tag)
+        dist.barrier()
+        return True
+
+    def load_checkpoint(self, load_dir: str, tag: str | None = None, **kwargs: Any) -> tuple[str | None, dict]:
+        if tag is None and read_checkpoint_meta(load_dir) is None:
+            return None, {}
+        if tag is not None:
+            read_checkpoint_meta(load_dir, tag)
+        path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
+        client_state = dict(client_state or {})
+        ours = client_state.pop(STATE_KEY, None) or {}
+        self._pld_micro_step = 0
+        if self.progressive_layer_drop is not None:
+            self.progressive_layer_drop.update_state(self.global_steps)
+            if ours.get("pld"):
+                self.progressive_layer_drop.load_state_dict(ours["pld"])
+        for name, state in (ours.get("extra") or {}).items():
+            if name in self.extra_state:
+                self.extra_state[name].load_state_dict(state)
+        return path, client_state
+
+
+def _config_source(args: Any, config: Any, config_params: Any) -> tuple[Any, Any]:
+    """Find the config the way deepspeed.initialize does and return it with args stripped of it."""
+    source = config if config is not None else config_params
+    from_args = getattr(args, "deepspeed_config", None) if args is not None else None
+    if source is not None and from_args is not None:
+        raise ConfigError("a config was given both as `config` and as args.deepspeed_config; give one")
+    if source is None and from_args is None:
+        raise ConfigError("no DeepSpeed config: pass config=... or --deepspeed_config")
+    if from_args is not None:
+        args = copy.copy(args)
+        args.deepspeed_config = None
+        source = from_args
+    return source, args
+
+
+def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer: Any = None,
+               model_parameters: Any = None, training_data: Any = None, lr_scheduler: Any = None,
+               distributed_port: int = 29500, mpu: Any = None, dist_init_required: bool | None = None,
+               collate_fn: Any = None, config: Any = None, mesh_param: Any = None,
+               config_params: Any = None) -> tuple[DsPldEngine, Any, Any, Any]:
+    """Same arguments and return tuple as `deepspeed.initialize`; the config may carry our extra blocks."""
+    source, args = _config_source(args, config, config_params)
+    parsed = parse_config(source)
+    if model is None:
+        raise ConfigError("ds_pld.initialize needs a model")
+    passes_seed = check_pld_model(model) if parsed.pld.enabled else False
+    ds_config = copy.deepcopy(parsed.deepspeed)
+    uses_lamb = optimizer is None and str((ds_config.get("optimizer") or {}).get("type", "")).lower() == "lamb"
+    if uses_lamb:
+        from ds_pld.optim import LambConfig, build_lamb
+
+        optimizer = build_lamb(LambConfig.from_optimizer_block(ds_config.pop("optimizer")), model, ds_config)
+    engine, optimizer, loader, scheduler = deepspeed.initialize(
+        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
+        lr_scheduler=lr_scheduler, distributed_port=distributed_port, mpu=mpu, dist_init_required=dist_init_required,
+        collate_fn=collate_fn, config=ds_config, mesh_param=mesh_param)
+    if type(engine) is not DeepSpeedEngine:
+        raise ConfigError(f"ds_pld supports the plain DeepSpeedEngine, not {type(engine).__name__} "
+                          "(pipeline / hybrid engines)")
+    engine.__class__ = DsPldEngine
+    engine._setup_ds_pld(parsed, passes_seed)
+    if uses_lamb:
+        from ds_pld.optim import bind_lamb_to_engine
+
+        bind_lamb_to_engine(engine)
+    return engine, optimizer, loader, scheduler

@@ -1,0 +1,197 @@
+"""Pre-LN BERT with switchable layers for Progressive Layer Dropping.
+
+Layer l (1-based) in training with PLD:  h = x + G * Attn(LN(x)) / p_l,  y = h + G * FFN(LN(h)) / p_l,
+G ~ Bernoulli(p_l). A dropped layer is skipped in Python: no forward, no backward, no parameter gather under ZeRO-3.
+In eval mode every layer runs, unscaled. The forward accepts DeepSpeed's old PLD keyword arguments
+(`progressive_layer_drop`, `pld_theta`) plus `pld_seed`, which makes the drop decisions reproducible.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ds_pld.kernels import build_ops
+from ds_pld.models.config import BertConfig, build_bert_config
+from ds_pld.pld import keep_probabilities, sample_keep_mask
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PretrainingOutput:
+    """loss: MLM (+ NSP) loss; logits: MLM logits of the masked positions only (all positions when no labels);
+    masked_labels: the labels of those positions, in the same order; layers_run: layers executed this pass."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    masked_labels: torch.Tensor | None
+    nsp_logits: torch.Tensor | None
+    hidden_states: torch.Tensor
+    layers_run: int
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.word(input_ids) + self.position(positions)
+        x = x + (self.token_type(token_type_ids) if token_type_ids is not None else self.token_type.weight[0])
+        return self.dropout(self.norm(x))
+
+
+class PreLNLayer(nn.Module):
+    """One transformer layer; `num_heads` and `intermediate` may be smaller than the config's after EarlyBERT."""
+
+    def __init__(self, config: BertConfig, num_heads: int, intermediate: int, ops):
+        super().__init__()
+        hidden, self.head_dim = config.hidden_size, config.head_dim
+        self.num_heads = num_heads
+        self.ops = ops
+        self.eps = config.layer_norm_eps
+        self.hidden_dropout = config.hidden_dropout
+        self.attention_dropout = config.attention_dropout
+        self.attn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.qkv = nn.Linear(hidden, 3 * num_heads * self.head_dim)
+        self.attn_out = nn.Linear(num_heads * self.head_dim, hidden)
+        self.ffn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.ffn_in = nn.Linear(hidden, intermediate)
+        self.ffn_out = nn.Linear(intermediate, hidden)
+        # EarlyBERT slimming coefficients: one per head (scales its context) and one per FFN neuron.
+        self.head_coef = nn.Parameter(torch.ones(num_heads)) if config.slimming else None
+        self.ffn_coef = nn.Parameter(torch.ones(intermediate)) if config.slimming else None
+
+    def attention(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias).view(batch, seq, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        dropout = self.attention_dropout if self.training else 0.0
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        if self.head_coef is not None:
+            context = context * self.head_coef.to(context.dtype).view(1, -1, 1, 1)
+        return context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, scale: float = 1.0) -> torch.Tensor:
+        ops, training = self.ops, self.training
+        h = ops.layer_norm(x, self.attn_norm.weight, self.attn_norm.bias, self.eps)
+        h = F.linear(self.attention(h, attn_mask), self.attn_out.weight)
+        x = ops.bias_dropout_residual(h, self.attn_out.bias, x, self.hidden_dropout, scale, training)
+        h = ops.layer_norm(x, self.ffn_norm.weight, self.ffn_norm.bias, self.eps)
+        h = ops.bias_gelu(F.linear(h, self.ffn_in.weight), self.ffn_in.bias)
+        if self.ffn_coef is not None:
+            h = h * self.ffn_coef.to(h.dtype)
+        h = F.linear(h, self.ffn_out.weight)
+        return ops.bias_dropout_residual(h, self.ffn_out.bias, x, self.hidden_dropout, scale, training)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        ops = build_ops(config.kernels)
+        self.config = config
+        self.layers = nn.ModuleList(
+            PreLNLayer(config, config.heads(i), config.intermediate(i), ops) for i in range(config.num_layers))
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, progressive_layer_drop: bool,
+                pld_theta: float, pld_seed: int | None) -> tuple[torch.Tensor, int]:
+        num_layers = len(self.layers)
+        use_pld = self.training and progressive_layer_drop
+        keep = sample_keep_mask(pld_theta, num_layers, pld_seed) if use_pld else [True] * num_layers
+        scales = [1.0 / p for p in keep_probabilities(pld_theta, num_layers)] if use_pld else [1.0] * num_layers
+        recompute = self.training and self.config.gradient_checkpointing and torch.is_grad_enabled()
+        for layer, kept, scale in zip(self.layers, keep, scales):
+            if not kept:
+                continue
+            # The keep decision is made outside the checkpointed region, so recomputation runs the same layers.
+            x = checkpoint(layer, x, attn_mask, scale, use_reentrant=False) if recompute else layer(x, attn_mask, scale)
+        return self.final_norm(x), sum(keep)
+
+
+class MLMHead(nn.Module):
+    """Transform + decoder tied to the word embeddings; applied only to the positions it is given."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(F.gelu(self.dense(hidden))), decoder_weight, self.bias)
+
+
+class BertForPreTraining(nn.Module):
+    """Pre-LN BERT with an MLM head (and an optional next-sentence / sentence-order head)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.mlm = MLMHead(config)
+        if config.next_sentence_head:
+            self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+            self.nsp = nn.Linear(config.hidden_size, 2)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None, progressive_layer_drop: bool = False,
+               pld_theta: float = 1.0, pld_seed: int | None = None) -> tuple[torch.Tensor, int]:
+        """Final hidden states [batch, seq, hidden] and the number of layers that ran."""
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds 'model.max_position_embeddings' = "
+                             f"{self.config.max_position_embeddings}")
+        attn_mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()
+        x = self.embeddings(input_ids, token_type_ids)
+        return self.encoder(x, attn_mask, progressive_layer_drop, pld_theta, pld_seed)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                next_sentence_label: torch.Tensor | None = None, progressive_layer_drop: bool = False,
+                pld_theta: float = 1.0, pld_seed: int | None = None) -> PretrainingOutput:
+        hidden, layers_run = self.encode(input_ids, attention_mask, token_type_ids, progressive_layer_drop,
+                                         pld_theta, pld_seed)
+        decoder = self.embeddings.word.weight
+        if labels is None:
+            return PretrainingOutput(None, self.mlm(hidden, decoder), None, self._nsp_logits(hidden), hidden,
+                                     layers_run)
+        flat_labels = labels.reshape(-1)
+        positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+        masked_labels = flat_labels.index_select(0, positions)
+        logits = self.mlm(hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions), decoder)
+        loss = F.cross_entropy(logits.float(), masked_labels) if positions.numel() else logits.sum() * 0.0
+        nsp_logits = self._nsp_logits(hidden)
+        if nsp_logits is not None and next_sentence_label is not None:
+            loss = loss + F.cross_entropy(nsp_logits.float(), next_sentence_label.reshape(-1))
+        return PretrainingOutput(loss, logits, masked_labels, nsp_logits, hidden, layers_run)
+
+    def _nsp_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        if not self.config.next_sentence_head:
+            return None
+        return self.nsp(torch.tanh(self.pooler(hidden[:, 0])))
+
+
+def build_model(spec: str | dict | BertConfig, **overrides) -> BertForPreTraining:
+    """The pretraining model from a preset name, a `model` config dict or a BertConfig."""
+    return BertForPreTraining(build_bert_config(spec, **overrides))

@@ -1,0 +1,109 @@
+"""Progressive Layer Dropping (Zhang & He 2020): the temporal theta schedule and the per-layer keep rule.
+
+theta(t) = (1 - theta_bar) * exp(-gamma * t) + theta_bar   (t = optimizer step)
+p_l      = 1 - (l / L) * (1 - theta)                      (l = 1..L)
+
+A layer l is kept with probability p_l and, when kept, its sub-layer outputs are scaled by 1/p_l so the expected
+residual update equals the full model's. The decisions are drawn from a seed derived from
+(seed, optimizer step, micro-step), so every data-parallel rank drops the same layers and a resumed run drops
+exactly the layers the uninterrupted run would have dropped.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from ds_pld.config_errors import ConfigError, boolean, check_keys, number
+
+BLOCK = "progressive_layer_drop"
+
+
+@dataclass(frozen=True)
+class PLDConfig:
+    """The `progressive_layer_drop` config block (same keys and meaning as DeepSpeed <= 0.19.5, plus `seed`)."""
+
+    enabled: bool = False
+    theta: float = 0.5
+    gamma: float = 0.001
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, block: Mapping[str, Any] | None) -> "PLDConfig":
+        if block is None:
+            return cls(enabled=False)
+        check_keys(block, BLOCK, allowed=("enabled", "theta", "gamma", "seed"))
+        enabled = boolean(block, "enabled", BLOCK, default=True)
+        if not enabled:
+            return cls(enabled=False)
+        missing = [k for k in ("theta", "gamma") if k not in block]
+        if missing:
+            raise ConfigError(f"missing required key(s) {missing} in '{BLOCK}' (theta in (0, 1], gamma >= 0)")
+        theta = number(block, "theta", BLOCK, low=0.0, high=1.0, low_open=True)
+        gamma = number(block, "gamma", BLOCK, low=0.0)
+        seed = number(block, "seed", BLOCK, default=0, integer=True, low=0)
+        return cls(enabled=True, theta=theta, gamma=gamma, seed=seed)
+
+
+def theta_at(step: int, theta_bar: float, gamma: float) -> float:
+    """The PLD paper's temporal schedule: 1 at step 0, decaying to theta_bar."""
+    return (1.0 - theta_bar) * math.exp(-gamma * step) + theta_bar
+
+
+def keep_probabilities(theta: float, num_layers: int) -> list[float]:
+    """The paper's depth schedule p_l = 1 - (l/L)(1 - theta), l = 1..L: deeper layers are dropped more often."""
+    return [1.0 - (layer / num_layers) * (1.0 - theta) for layer in range(1, num_layers + 1)]
+
+
+def expected_layers(theta: float, num_layers: int) -> float:
+    """Expected number of layers that run in a training step (sum of p_l)."""
+    return sum(keep_probabilities(theta, num_layers))
+
+
+def drop_seed(seed: int, step: int, micro_step: int) -> int:
+    """A 63-bit seed that depends only on (seed, optimizer step, micro-step): identical on every rank."""
+    return int(np.random.SeedSequence([seed, step, micro_step]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def sample_keep_mask(theta: float, num_layers: int, seed: int | None) -> list[bool]:
+    """Which layers run. Drawn on the CPU (no device sync); from `seed` when given, else torch's CPU generator."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    draws = torch.rand(num_layers, generator=generator, dtype=torch.float64).tolist()
+    return [u < p for u, p in zip(draws, keep_probabilities(theta, num_layers))]
+
+
+class ProgressiveLayerDrop:
+    """The schedule object with DeepSpeed's old contract (`update_state`, `get_theta`, `get_state`)."""
+
+    def __init__(self, theta: float = 0.5, gamma: float = 0.001):
+        if not 0.0 < theta <= 1.0:
+            raise ConfigError(f"'{BLOCK}.theta' = {theta} must be in (0, 1]")
+        if gamma < 0.0:
+            raise ConfigError(f"'{BLOCK}.gamma' = {gamma} must be >= 0")
+        self.theta_bar = float(theta)
+        self.gamma = float(gamma)
+        self.global_step = 0
+        self.current_theta = 1.0
+
+    def update_state(self, global_step: int) -> None:
+        """Set theta for the optimizer step about to be computed (global_step = number of steps already taken)."""
+        self.global_step = int(global_step)
+        self.current_theta = theta_at(self.global_step, self.theta_bar, self.gamma)
+
+    def get_theta(self) -> float:
+        return self.current_theta
+
+    def get_state(self) -> dict[str, Any]:
+        """The keyword arguments a DeepSpeed <= 0.19.5 model expects in its forward."""
+        return {"progressive_layer_drop": True, "pld_theta": self.get_theta()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"theta_bar": self.theta_bar, "gamma": self.gamma, "global_step": self.global_step,
+                "theta": self.current_theta}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.update_state(int(state["global_step"]))
+

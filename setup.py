@@ -1,0 +1,28 @@
+"""ds-pld: Progressive Layer Dropping and EarlyBERT for pre-LN BERT pretraining on DeepSpeed."""
+from setuptools import find_packages, setup
+
+setup(
+    name="ds_pld",
+    version="0.1.0",
+    description="DeepSpeed plugin for pre-LN BERT pretraining with Progressive Layer Dropping, EarlyBERT and LAMB",
+    packages=find_packages(include=["ds_pld", "ds_pld.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.19.8,<0.20",
+        "transformers>=5",
+        "datasets",
+        "tokenizers",
+        "mpi4py",
+        "wandb",
+        "tqdm",
+        "numpy",
+        "matplotlib",
+        "scikit-learn",
+        "scipy",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout", "mpich", "ruff"],
+        "triton": ["triton"],
+    },
+)

@@ -1,0 +1,66 @@
+"""Run on 2 ranks by tests/test_pld.py: PLD training under ZeRO stages 0-3 (and 2 with activation checkpointing).
+Rank 0 writes what every rank saw to the JSON file given as argv[1]."""
+from __future__ import annotations
+
+import json
+import sys
+
+import deepspeed
+import torch
+from deepspeed import comm as dist
+
+import ds_pld
+from ds_pld.models import build_model
+
+VOCAB, SEQ, STEPS = 64, 16, 6
+
+
+def run(stage: int, checkpointing: bool) -> dict:
+    torch.manual_seed(0)
+    model = build_model("bert-tiny", vocab_size=VOCAB, num_layers=4, hidden_dropout=0.0, attention_dropout=0.0,
+                        gradient_checkpointing=checkpointing)
+    config = {
+        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+        "zero_optimization": {"stage": stage},
+        "progressive_layer_drop": {"enabled": True, "theta": 0.5, "gamma": 0.5, "seed": 7},
+    }
+    engine, *_ = ds_pld.initialize(model=model, config=config)
+    ran_per_pass: list[list[int]] = []
+    counts = [0] * len(model.encoder.layers)
+    for index, layer in enumerate(model.encoder.layers):
+        layer.register_forward_hook(lambda *_, i=index: counts.__setitem__(i, counts[i] + 1))
+    generator = torch.Generator().manual_seed(100 + dist.get_rank())
+    losses, thetas = [], []
+    for _ in range(STEPS):
+        for _ in range(engine.gradient_accumulation_steps()):
+            ids = torch.randint(5, VOCAB, (2, SEQ), generator=generator)
+            labels = torch.where(torch.rand(ids.shape, generator=generator) < 0.3, ids, -100)
+            thetas.append(engine.get_pld_theta())
+            before = list(counts)
+            out = engine(ids, labels=labels)
+            ran_per_pass.append([c - b for c, b in zip(counts, before)])
+            engine.backward(out.loss)
+            engine.step()
+            losses.append(out.loss.item())
+    all_ran = [None] * dist.get_world_size()
+    dist.all_gather_object(all_ran, ran_per_pass)
+    params = [p for p in engine.module.parameters()]
+    with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
+        checksum = float(sum(p.detach().double().sum() for p in params))
+    checksums = [None] * dist.get_world_size()
+    dist.all_gather_object(checksums, checksum)
+    return {"stage": stage, "checkpointing": checkpointing, "losses": losses, "thetas": thetas, "ran": all_ran,
+            "checksums": checksums, "global_steps": engine.global_steps}
+
+
+def main() -> None:
+    deepspeed.init_distributed(dist_backend="gloo")
+    results = [run(stage, False) for stage in (0, 1, 2, 3)] + [run(2, True)]
+    if dist.get_rank() == 0:
+        with open(sys.argv[1], "w") as handle:
+            json.dump(results, handle)
+
+
+if __name__ == "__main__":
+    main()
