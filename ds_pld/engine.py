@@ -119,6 +119,15 @@ class DsPldEngine(DeepSpeedEngine):
             self._pld_micro_step = 0
             if self.progressive_layer_drop is not None:
                 self.progressive_layer_drop.update_state(self.global_steps)
+                self._clear_zero3_grad_partitions()
+
+    def _clear_zero3_grad_partitions(self) -> None:
+        """ZeRO-3 overwrites a parameter's gradient partition at micro-step 0 only if the parameter gets a gradient;
+        a layer that PLD dropped would carry the previous step's gradient into the next update. One memset of the
+        partitioned gradient buffer per optimizer step gives dropped layers a zero gradient, as stages 0-2 do."""
+        buffer = getattr(self.optimizer, "grad_partitions_flat_buffer", None)
+        if self.zero_optimization_stage() == 3 and buffer is not None:
+            buffer.zero_()
 
     def save_checkpoint(self, save_dir: str, tag: str | None = None, client_state: dict | None = None,
                         save_latest: bool = True, exclude_frozen_parameters: bool = False) -> bool:
@@ -189,6 +198,12 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     if model is None:
         raise ConfigError("ds_pld.initialize needs a model")
     passes_seed = check_pld_model(model) if parsed.pld.enabled else False
+    zero = parsed.deepspeed.get("zero_optimization") or {}
+    if parsed.pld.enabled and zero.get("stage") == 3 and (zero.get("offload_optimizer") or {}).get("device") not in (
+            None, "none"):
+        raise ConfigError("progressive_layer_drop with ZeRO-3 optimizer offload is not supported: offloaded gradient "
+                          "partitions of dropped layers are not cleared between steps ('zero_optimization."
+                          "offload_optimizer')")
     ds_config = copy.deepcopy(parsed.deepspeed)
     uses_lamb = optimizer is None and str((ds_config.get("optimizer") or {}).get("type", "")).lower() == "lamb"
     if uses_lamb:

@@ -58,7 +58,7 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     results = [run(stage, False) for stage in (0, 1, 2, 3)] + [run(2, True)]
     if dist.get_rank() == 0:
-        with open(sys.argv[1], "w") as handle:
+        with open(sys.argv[-1], "w") as handle:
             json.dump(results, handle)
 
 
