@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ds_pld.config_errors import ConfigError
 from ds_pld.earlybert.config import EarlyBertConfig

@@ -11,8 +11,10 @@ import copy
 import inspect
 import json
 import os
+import signal
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Protocol
 
 import deepspeed
 import torch
@@ -26,6 +28,7 @@ from ds_pld.pld import ProgressiveLayerDrop, drop_seed
 STATE_KEY = "ds_pld"
 META_FILE = "ds_pld_meta.json"
 LATEST_FILE = "latest"
+KILL_ENV = "DS_PLD_KILL_DURING_CHECKPOINT"  # tag at which rank 0 SIGKILLs itself mid-save (tests)
 
 
 class Stateful(Protocol):
@@ -96,6 +99,12 @@ class DsPldEngine(DeepSpeedEngine):
         self.extra_state = {}
         self.checkpoint_meta = {}
 
+    def set_progress(self, global_steps: int, global_samples: int) -> None:
+        """Continue the step count of an engine this one replaces (EarlyBERT rebuilds the engine mid-run)."""
+        self.global_steps, self.global_samples = global_steps, global_samples
+        if self.progressive_layer_drop is not None:
+            self.progressive_layer_drop.update_state(global_steps)
+
     def get_pld_theta(self) -> float | None:
         return None if self.progressive_layer_drop is None else self.progressive_layer_drop.get_theta()
 
@@ -141,6 +150,8 @@ class DsPldEngine(DeepSpeedEngine):
         }
         super().save_checkpoint(save_dir, tag=tag, client_state=state, save_latest=False,
                                 exclude_frozen_parameters=exclude_frozen_parameters)
+        if os.environ.get(KILL_ENV) == tag and self.global_rank == 0:
+            os.kill(os.getpid(), signal.SIGKILL)  # crash test: files written, checkpoint not yet marked complete
         if self.global_rank == 0:
             meta = {"tag": tag, "global_steps": self.global_steps, "global_samples": self.global_samples,
                     "world_size": self.world_size, "pld_theta": self.get_pld_theta(), **self.checkpoint_meta}

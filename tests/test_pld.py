@@ -6,14 +6,13 @@ import math
 
 import pytest
 import torch
+from conftest import SCRIPTS, run_deepspeed
 
 import ds_pld
 from ds_pld.config_errors import ConfigError
 from ds_pld.engine import META_FILE
 from ds_pld.models import build_model
 from ds_pld.pld import ProgressiveLayerDrop, drop_seed, expected_layers, keep_probabilities, theta_at
-
-from conftest import SCRIPTS, run_deepspeed
 
 VOCAB = 64
 
@@ -188,7 +187,7 @@ def test_config_from_args_and_path(single_rank_world, tmp_path):
 
 def test_checkpoint_continues_schedule_and_drop_decisions(single_rank_world, tmp_path):
     def train(engine, steps, losses):
-        for step in range(steps):
+        for _ in range(steps):
             torch.manual_seed(engine.global_steps)  # dropout RNG as a function of the step, as train.py does
             ids, labels = batch(seed=engine.global_steps)
             out = engine(ids, labels=labels)

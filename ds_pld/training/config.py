@@ -1,8 +1,9 @@
 """The pretraining job's own config blocks (`training`, `data`, `lr_schedule`, `wandb`), parsed into typed objects."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from ds_pld.config_errors import ConfigError, boolean, check_keys, number
 
@@ -21,7 +22,7 @@ class TrainingConfig:
     seed: int = 42
 
     @classmethod
-    def from_dict(cls, block: Mapping[str, Any] | None) -> "TrainingConfig":
+    def from_dict(cls, block: Mapping[str, Any] | None) -> TrainingConfig:
         block = block or {}
         check_keys(block, "training", allowed=cls.__dataclass_fields__)
         d = cls()
@@ -42,7 +43,7 @@ class DataConfig:
     mlm_probability: float = 0.15
 
     @classmethod
-    def from_dict(cls, block: Mapping[str, Any] | None) -> "DataConfig":
+    def from_dict(cls, block: Mapping[str, Any] | None) -> DataConfig:
         block = block or {}
         check_keys(block, "data", allowed=cls.__dataclass_fields__)
         corpus = block.get("corpus", ())
@@ -73,7 +74,7 @@ class LRScheduleConfig:
     decay_steps: int = 1000
 
     @classmethod
-    def from_dict(cls, block: Mapping[str, Any] | None) -> "LRScheduleConfig | None":
+    def from_dict(cls, block: Mapping[str, Any] | None) -> LRScheduleConfig | None:
         if block is None:
             return None
         check_keys(block, "lr_schedule", allowed=cls.__dataclass_fields__, required=("type",))
@@ -101,7 +102,7 @@ class WandbConfig:
     tags: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
-    def from_dict(cls, block: Mapping[str, Any] | None) -> "WandbConfig":
+    def from_dict(cls, block: Mapping[str, Any] | None) -> WandbConfig:
         block = block or {}
         check_keys(block, "wandb", allowed=cls.__dataclass_fields__)
         return cls(enabled=boolean(block, "enabled", "wandb", False), project=str(block.get("project", "ds-pld")),

@@ -1,0 +1,63 @@
+"""Weights & Biases tracking: one run per job, continued when the job resumes, offline when there is no API key."""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ds_pld.training.config import WandbConfig
+
+RUN_FILE = "wandb_run.json"
+
+
+def job_group() -> str | None:
+    """All ranks (and requeues) of one cluster job share a group named after the job."""
+    for key in ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID"):
+        if os.environ.get(key):
+            return f"job-{os.environ[key]}"
+    return None
+
+
+def wandb_mode() -> str:
+    """Online only with credentials; otherwise offline (never a prompt, never a network wait)."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    netrc = Path.home() / ".netrc"
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+    return "online" if has_key else "offline"
+
+
+class WandbTracker:
+    """Logs scalar metrics to W&B. The run id is kept in `<output_dir>/wandb_run.json`, so `--resume` continues
+    the same run. Only rank 0 logs unless `log_all_ranks` (then each rank is its own run in the job's group)."""
+
+    def __init__(self, config: WandbConfig, output_dir: str | Path, rank: int, run_config: Mapping[str, Any],
+                 resuming: bool):
+        import wandb
+
+        self.run = None
+        if not config.enabled or (rank != 0 and not config.log_all_ranks):
+            return
+        output_dir = Path(output_dir)
+        run_file = output_dir / (RUN_FILE if rank == 0 else f"wandb_run_rank{rank}.json")
+        saved = json.loads(run_file.read_text()) if resuming and run_file.is_file() else {}
+        run_id = saved.get("id") or uuid.uuid4().hex[:12]
+        mode = wandb_mode()
+        group = config.group or job_group() or output_dir.resolve().name
+        self.run = wandb.init(project=config.project, entity=config.team, group=group, tags=list(config.tags),
+                              name=f"{group}-rank{rank}" if config.log_all_ranks else group, id=run_id,
+                              resume="allow", dir=str(output_dir), mode=mode, config=dict(run_config))
+        run_file.write_text(json.dumps({"id": run_id, "mode": mode, "dir": self.run.dir}))
+        print(f"[ds_pld] W&B run {run_id} ({mode}) in {Path(self.run.dir).parent}"
+              + (" -- sync later with `wandb sync <that folder>`" if mode == "offline" else ""), flush=True)
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()

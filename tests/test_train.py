@@ -1,0 +1,164 @@
+"""The pretraining job end to end: 2 real ranks through the deepspeed launcher on the embedded default corpus."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, launcher_env, run_deepspeed
+from wandb_records import history, run_id
+
+from ds_pld.config_errors import ConfigError
+from ds_pld.training.metrics import read_metrics
+from ds_pld.training.run import resolve_batch_sizes
+
+TRAIN = str(ROOT / "launch" / "train.py")
+STEPS = 12
+FIELDS = {"step", "loss", "lr", "pld_theta", "expected_layers", "samples_per_sec", "layers_run"}
+
+
+def tiny_config(tmp_path: Path, data: Path, **training) -> Path:
+    config = {
+        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
+        "steps_per_print": 10**6,
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01}},
+        "lr_schedule": {"type": "warmup_linear", "warmup_proportion": 0.1},
+        "progressive_layer_drop": {"enabled": True, "theta": 0.5, "gamma": 0.2},
+        "model": {"preset": "bert-tiny", "num_layers": 3, "max_position_embeddings": 32},
+        "data": {"path": str(data)},
+        "training": {"max_steps": STEPS, "checkpoint_every": 4, "eval_every": 6, "eval_batches": 2, "seed": 3,
+                     **training},
+        "wandb": {"enabled": True, "project": "ds-pld-tests"},
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    from ds_pld.data import prepare_dataset
+
+    return prepare_dataset(tmp_path_factory.mktemp("data"), vocab_size=1024, max_seq_length=32, num_proc=1)
+
+
+def env(**extra: str) -> dict[str, str]:
+    return {**launcher_env(), "WANDB_MODE": "offline", "WANDB_SILENT": "true", **extra}
+
+
+def train(config: Path, out: Path, *flags: str, extra_env: dict[str, str] | None = None, check: bool = True):
+    args = [TRAIN, "--deepspeed_config", str(config), "--output_dir", str(out), *flags]
+    if check:
+        return run_deepspeed(args, env=env(**(extra_env or {})))
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+           str(__import__("conftest").free_port()), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env(**(extra_env or {})), capture_output=True, text=True, timeout=600)
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def straight(prepared, tmp_path_factory) -> Path:
+    """One uninterrupted 2-rank run, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("straight")
+    train(tiny_config(tmp, prepared), tmp / "out")
+    return tmp / "out"
+
+
+@pytest.mark.slow
+def test_two_rank_run_learns_and_writes_metrics_plot_and_model(straight):
+    records = read_metrics(straight / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert all(FIELDS <= set(r) for r in records)
+    first, last = records[0]["loss"], sum(r["loss"] for r in records[-3:]) / 3
+    assert last < first - 0.5, f"loss did not go down: {first} -> {last}"
+    assert records[0]["pld_theta"] == 1.0 and records[-1]["pld_theta"] < 0.6
+    assert any(r["layers_run"] < 3 for r in records), "PLD never dropped a layer"
+    validation = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in validation] == [6, 12] and 0 <= validation[-1]["val_accuracy"] <= 1
+    assert (straight / "curves.png").stat().st_size > 10_000
+    from ds_pld.models.io import load_pretrained
+
+    model = load_pretrained(straight / "final")
+    assert model.config.num_layers == 3 and (straight / "final" / "tokenizer").is_dir()
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_has_the_logged_keys(straight):
+    runs = list((straight / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, runs
+    rows = history(runs[0])
+    assert len(rows) == STEPS
+    assert FIELDS <= set(rows[-1])
+    assert json.loads(rows[0]["loss"]) == pytest.approx(losses(straight)[0])
+    saved = json.loads((straight / "wandb_run.json").read_text())
+    assert saved["id"] == run_id(runs[0]) and saved["mode"] == "offline"
+
+
+@pytest.mark.slow
+def test_stop_and_resume_equals_straight_through(prepared, straight, tmp_path):
+    config = tiny_config(tmp_path, prepared)
+    out = tmp_path / "out"
+    train(config, out, "--stop_at_step", "4")
+    assert losses(out) == losses(straight)[:4]
+    train(config, out, "--resume")
+    assert losses(out) == pytest.approx(losses(straight), rel=1e-6, abs=1e-6)
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert {run_id(r) for r in runs} == {json.loads((out / "wandb_run.json").read_text())["id"]}, \
+        "a resumed job must continue the same W&B run"
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_write_leaves_a_resumable_run(prepared, straight, tmp_path):
+    config = tiny_config(tmp_path, prepared)
+    out = tmp_path / "out"
+    killed = train(config, out, extra_env={"DS_PLD_KILL_DURING_CHECKPOINT": "global_step8"}, check=False)
+    assert killed.returncode != 0
+    checkpoints = out / "checkpoints"
+    assert (checkpoints / "global_step8").is_dir(), "the kill should come after DeepSpeed wrote its files"
+    assert (checkpoints / "latest").read_text() == "global_step4"
+    train(config, out, "--resume")
+    assert (checkpoints / "latest").read_text() == f"global_step{STEPS}"
+    assert losses(out) == pytest.approx(losses(straight), rel=1e-6, abs=1e-6)
+
+
+def test_batch_sizes_are_checked_against_the_world_size():
+    ds = {"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4}
+    assert resolve_batch_sizes(ds, 2) == (4, 4) and ds["gradient_accumulation_steps"] == 4
+    with pytest.raises(ConfigError, match="train_batch_size"):
+        resolve_batch_sizes({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4}, 2)
+    with pytest.raises(ConfigError, match="3 rank"):
+        resolve_batch_sizes({"train_batch_size": 32}, 3)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"data": {"path": "/nonexistent/data"}}, "/nonexistent/data"),
+    ({"model": {"preset": "bert-tiny", "max_position_embeddings": 16}}, "max_position_embeddings"),
+    ({"training": {"max_stepz": 3}}, "max_stepz"),
+    ({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4}, "train_batch_size"),
+])
+def test_bad_input_fails_before_training_naming_the_problem(prepared, tmp_path, change, message):
+    config = json.loads(tiny_config(tmp_path, prepared).read_text())
+    config.update(change)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(config))
+    proc = subprocess.run([sys.executable, TRAIN, "--deepspeed_config", str(path), "--output_dir",
+                           str(tmp_path / "out")], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert message in proc.stderr and "ConfigError" in proc.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_quick_start_config_is_valid():
+    from ds_pld.config import parse_config
+
+    for name in ("cpu_small", "baseline", "pld"):
+        config = parse_config(ROOT / "ds_configs" / f"{name}.json")
+        assert config.model is not None
+    assert parse_config(ROOT / "ds_configs" / "pld.json").pld.theta == 0.5
+    assert os.path.isfile(TRAIN)
