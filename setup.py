@@ -22,7 +22,7 @@ setup(
         "scipy",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "mpich", "ruff"],
+        "test": ["pytest", "pytest-timeout", "mpich", "ruff", "triton"],
         "triton": ["triton"],
     },
 )
