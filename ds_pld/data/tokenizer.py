@@ -39,7 +39,9 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 8192, length: int | 
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                   model_max_length=model_max_length)
+                                   model_max_length=model_max_length,
+                                   # BERT inputs: sentence pairs (GLUE) need segment ids from the tokenizer.
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
 
 
 def _local_folder(spec: str | Path) -> Path | None:

@@ -73,9 +73,11 @@ def load_pretrained(path: str | Path, **config_overrides: Any) -> BertForPreTrai
 
 
 def find_tokenizer(path: str | Path) -> Path | None:
-    """The tokenizer folder saved beside a model or a training run, if any."""
+    """The tokenizer saved with a model folder, or with the training run a checkpoint folder belongs to
+    (`<run>/checkpoints[/<tag>]`: `<run>/tokenizer` or `<run>/final/tokenizer`)."""
     path = Path(path)
-    for candidate in (path / TOKENIZER_DIR, path.parent / TOKENIZER_DIR, path.parent.parent / TOKENIZER_DIR):
-        if candidate.is_dir():
-            return candidate
+    for folder in (path, path.parent, path.parent.parent):
+        for candidate in (folder / TOKENIZER_DIR, folder / "final" / TOKENIZER_DIR):
+            if candidate.is_dir():
+                return candidate
     return None

@@ -1,0 +1,87 @@
+r"""Fine-tune a pretrained model on GLUE and write a summary table (markdown + JSON with the GLUE average).
+
+  deepspeed launch/finetune.py --model runs/bert/final --tasks rte,mrpc,stsb,cola,sst2,qnli,qqp,mnli \
+      --glue_dir data/glue --seeds 1,2,3 --output_dir runs/glue --deepspeed_config ds_configs/glue.json
+  python launch/finetune.py --model runs/bert/checkpoints --tasks rte --glue_dir data/glue \
+      --output_dir runs/glue_rte --max_steps 100                                # one rank, plain python
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import socket
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ds_pld.config_errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True,
+                        help="pretrained model folder (save_pretrained / <run>/final) or DeepSpeed checkpoint folder")
+    parser.add_argument("--tasks", required=True, help="comma-separated GLUE tasks (cola,sst2,mrpc,stsb,qqp,mnli,"
+                                                       "qnli,rte,wnli) or 'all'")
+    parser.add_argument("--glue_dir", default=None,
+                        help="folder in the GLUE TSV layout (<dir>/RTE/train.tsv, dev.tsv); default: the Hugging "
+                             "Face 'glue' dataset (needs the network)")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--deepspeed_config", default=str(ROOT / "ds_configs" / "glue.json"),
+                        help="DeepSpeed config with a 'glue' block")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder; default: the one saved with the model")
+    parser.add_argument("--seeds", type=_int_list, default=None, help="e.g. 1,2,3; default: 'glue.seeds'")
+    parser.add_argument("--epochs", type=float, default=None, help="epochs for every task (overrides the config)")
+    parser.add_argument("--max_steps", type=int, default=None, help="cap on optimizer steps per run (smoke tests)")
+    parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", "0")),
+                        help="set by the deepspeed launcher")
+    return parser.parse_args(argv)
+
+
+def init_distributed() -> None:
+    """The deepspeed launcher sets RANK/WORLD_SIZE; plain `python` runs one rank."""
+    import deepspeed
+    import torch
+
+    if "RANK" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from ds_pld.glue.finetune import run_glue
+
+    try:
+        init_distributed()
+        summary = run_glue(args.model, args.tasks, args.output_dir, args.deepspeed_config, glue_dir=args.glue_dir,
+                           tokenizer=args.tokenizer, seeds=args.seeds, epochs=args.epochs, max_steps=args.max_steps)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    average = summary["glue_average"]
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"GLUE average: {average:.2f}" if not math.isnan(average) else "GLUE average: n/a")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
