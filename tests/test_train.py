@@ -162,3 +162,31 @@ def test_quick_start_config_is_valid():
         assert config.model is not None
     assert parse_config(ROOT / "ds_configs" / "pld.json").pld.theta == 0.5
     assert os.path.isfile(TRAIN)
+
+
+@pytest.mark.slow
+def test_earlybert_with_pld_searches_draws_prunes_and_resumes(prepared, tmp_path):
+    config = json.loads(tiny_config(tmp_path, prepared).read_text())
+    config["model"]["num_heads"] = 4
+    config["earlybert"] = {"lambda_head": 1e-2, "lambda_ffn": 1e-2, "check_every": 1, "window": 2, "epsilon": 0.5,
+                           "max_search_steps": 5, "head_prune_ratio": 0.25, "ffn_prune_ratio": 0.4}
+    path = tmp_path / "earlybert.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "out"
+    train(path, out, "--stop_at_step", "8")
+    records = read_metrics(out / "metrics.jsonl")
+    drawn = [r for r in records if "earlybert_drawn_step" in r]
+    assert len(drawn) == 1 and drawn[0]["step"] <= 5, "the ticket must be drawn once, within the search limit"
+    assert any("earlybert_distance" in r for r in records)
+    assert drawn[0]["earlybert_heads"] == 3 * 3, "one of four heads pruned in each of the 3 layers"
+    meta = json.loads((out / "checkpoints" / "global_step8" / "ds_pld_meta.json").read_text())
+    assert meta["model_config"]["layer_heads"] == [3, 3, 3] and not meta["model_config"]["slimming"]
+    assert sum(meta["model_config"]["layer_intermediate"]) == round(0.6 * 3 * 512)
+    assert any(r["layers_run"] < 3 for r in records), "PLD stays on after the draw"
+    train(path, out, "--resume")  # builds the slim model from the checkpoint and trains on to the end
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert not any("earlybert_drawn_step" in r for r in records[8:]), "a resumed run must not search again"
+    from ds_pld.models.io import load_pretrained
+
+    assert load_pretrained(out / "final").config.layer_heads == (3, 3, 3)
