@@ -1,7 +1,8 @@
 """Validation helpers shared by every config block: one error type that names the key."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 
 class ConfigError(ValueError):

@@ -11,8 +11,9 @@ exactly the layers the uninterrupted run would have dropped.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ class PLDConfig:
     seed: int = 0
 
     @classmethod
-    def from_dict(cls, block: Mapping[str, Any] | None) -> "PLDConfig":
+    def from_dict(cls, block: Mapping[str, Any] | None) -> PLDConfig:
         if block is None:
             return cls(enabled=False)
         check_keys(block, BLOCK, allowed=("enabled", "theta", "gamma", "seed"))

@@ -1,8 +1,9 @@
 """Model shape presets and the `model` config, parsed once into a typed object."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Mapping
+from typing import Any
 
 from ds_pld.config_errors import ConfigError
 
@@ -79,7 +80,7 @@ class BertConfig:
                 out[key] = list(out[key])
         return out
 
-    def with_updates(self, **changes: Any) -> "BertConfig":
+    def with_updates(self, **changes: Any) -> BertConfig:
         return replace(self, **changes)
 
 
