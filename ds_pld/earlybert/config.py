@@ -1,8 +1,9 @@
 """The `earlybert` config block, validated once into a typed object."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from ds_pld.config_errors import ConfigError, boolean, check_keys, number
 
@@ -33,7 +34,7 @@ class EarlyBertConfig:
     rewind: bool = False
 
     @classmethod
-    def from_dict(cls, block: Mapping[str, Any] | None) -> "EarlyBertConfig | None":
+    def from_dict(cls, block: Mapping[str, Any] | None) -> EarlyBertConfig | None:
         if block is None:
             return None
         check_keys(block, BLOCK, allowed=cls.__dataclass_fields__)
