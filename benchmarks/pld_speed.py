@@ -36,6 +36,14 @@ def one_step(model, optimizer, ids, labels, pld: bool, seed: int, with_optimizer
     return time.perf_counter() - started, out.layers_run
 
 
+def fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Intercept and slope of the least-squares line through (x, y) points."""
+    xs, ys = [float(x) for x, _ in points], [y for _, y in points]
+    mean_x, mean_y = statistics.mean(xs), statistics.mean(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    return mean_y - slope * mean_x, slope
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="bert-base")
@@ -57,16 +65,22 @@ def main() -> None:
     labels = torch.where(torch.rand(ids.shape, device=device) < 0.15, ids, -100)
     times: dict[bool, list[float]] = {False: [], True: []}
     ran: list[int] = []
+    samples: list[tuple[int, float]] = []  # (layers run, seconds) of every timed step
     for i in range(args.warmup + args.iters):
         for pld in (False, True):
             elapsed, layers_run = one_step(model, optimizer, ids, labels, pld, drop_seed(0, i, 0), args.with_optimizer)
             if i >= args.warmup:
                 times[pld].append(elapsed)
+                samples.append((layers_run, elapsed))
                 if pld:
                     ran.append(layers_run)
     base, pld_time = statistics.median(times[False]), statistics.median(times[True])
     mean_ratio = statistics.mean(times[True]) / statistics.mean(times[False])
     ideal = expected_layers(0.5, layers) / layers
+    # Least squares t = fixed + per_layer * layers_run over all timed steps: the step time PLD would average at the
+    # expected layer count, independent of how many layers this run's few draws happened to keep.
+    fixed, per_layer = fit_line(samples)
+    projected = (fixed + per_layer * expected_layers(0.5, layers)) / (fixed + per_layer * layers)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"device {device}, torch {torch.__version__}")
     print(f"model {args.preset} (L={layers}), batch {args.batch} x seq {args.seq}, {args.iters} timed steps per mode, "
@@ -79,6 +93,8 @@ def main() -> None:
           f"(expected layers {expected_layers(0.5, layers):.2f}/{layers}); "
           f"per-sample time saved: {1 - mean_ratio:.1%} (ideal {1 - ideal:.1%}); "
           f"layers-run ratio this sample: {statistics.mean(ran) / layers:.3f}")
+    print(f"fit: step = {fixed:.4f} s + {per_layer:.4f} s x layers run -> ratio at the expected "
+          f"{expected_layers(0.5, layers):.2f} layers: {projected:.3f} (per-sample time saved {1 - projected:.1%})")
 
 
 if __name__ == "__main__":
