@@ -56,8 +56,22 @@ class WandbTracker:
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         if self.run is not None:
-            self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+            try:
+                self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+            except Exception as err:
+                self._give_up(err)
 
     def finish(self) -> None:
         if self.run is not None:
-            self.run.finish()
+            try:
+                self.run.finish()
+            except Exception as err:
+                self._give_up(err)
+
+    def _give_up(self, err: Exception) -> None:
+        """Tracking must never end training: SLURM's SIGTERM (preemption, requeue, scancel) reaches every process
+        of the job step, W&B's service process too, and the next log call fails while the ranks are on their way to
+        the checkpoint. metrics.jsonl keeps every step; a resumed start continues the same W&B run."""
+        print(f"[ds_pld] W&B logging stopped for this start ({type(err).__name__}: {err}); training goes on",
+              flush=True)
+        self.run = None
