@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
             if stopping or run.step % cfg.checkpoint_every == 0 or run.step == run.max_steps:
                 run.save_checkpoint()
             if stopping:
+                run.tracker.finish()
                 bar.write(f"stopped at step {run.step}; continue with --resume")
                 sys.exit(143 if stop.requested else 0)
     bar.close()

@@ -1,11 +1,13 @@
 """Shared fixtures: a single-process DeepSpeed world for in-process engine tests, and a launcher runner."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,3 +51,31 @@ def run_deepspeed(args: list[str], num_ranks: int = 2, timeout: float = 600, cwd
         raise AssertionError(f"deepspeed launcher failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n"
                              f"{proc.stderr[-6000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """The embedded default corpus packed to 32 tokens with a 1024-word vocabulary, prepared once per session."""
+    from ds_pld.data import prepare_dataset
+
+    return prepare_dataset(tmp_path_factory.mktemp("data"), vocab_size=1024, max_seq_length=32, num_proc=1)
+
+
+def tiny_train_config(path: Path, data: Path, training: dict[str, Any] | None = None, **top: Any) -> Path:
+    """A launch/train.py config for jobs of real ranks that take seconds: bert-tiny with 3 layers on 32-token
+    sequences, global batch 16 (micro-batch 4), PLD decaying fast enough to drop layers within a few steps."""
+    config = {
+        "train_batch_size": 16, "train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0,
+        "steps_per_print": 10**6,
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01}},
+        "lr_schedule": {"type": "warmup_linear", "warmup_proportion": 0.1},
+        "progressive_layer_drop": {"enabled": True, "theta": 0.5, "gamma": 0.2},
+        "model": {"preset": "bert-tiny", "num_layers": 3, "max_position_embeddings": 32},
+        "data": {"path": str(data)},
+        "training": {"max_steps": 12, "checkpoint_every": 4, "eval_every": 6, "eval_batches": 2, "seed": 3,
+                     **(training or {})},
+        "wandb": {"enabled": True, "project": "ds-pld-tests"},
+        **top,
+    }
+    path.write_text(json.dumps(config))
+    return path

@@ -1,4 +1,4 @@
-"""The Triton kernels against the torch reference (`TorchOps`), forward and backward, plus the GPU benchmark's smoke run.
+"""The Triton kernels against the torch reference (`TorchOps`), forward and backward; the GPU benchmark's smoke run.
 
 How the kernels run without a GPU: Triton decides whether a kernel is interpreted when `@triton.jit` decorates it,
 i.e. when `ds_pld.kernels.triton_ops` is first imported, not when triton itself is imported. In a shared pytest

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, free_port, launcher_env
+from conftest import ROOT, free_port, launcher_env, tiny_train_config
 
 from ds_pld.engine import read_checkpoint_meta
 from ds_pld.training.metrics import read_metrics
@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 
 TRAIN = str(ROOT / "launch" / "train.py")
 STEPS = 8
+TRAINING = {"max_steps": STEPS, "checkpoint_every": 4, "eval_every": 4}
 
 
 @pytest.fixture(scope="module")
@@ -35,29 +36,6 @@ def mpirun() -> str:
         import mpi4py  # noqa: F401
     except ImportError:
         pytest.skip("mpi4py is not installed (DeepSpeed's MPI discovery needs it)")
-    return path
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    from ds_pld.data import prepare_dataset
-
-    return prepare_dataset(tmp_path_factory.mktemp("data"), vocab_size=1024, max_seq_length=32, num_proc=1)
-
-
-def tiny_config(path: Path, data: Path, **top) -> Path:
-    config = {
-        "train_batch_size": 16, "train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0,
-        "steps_per_print": 10**6,
-        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01}},
-        "progressive_layer_drop": {"enabled": True, "theta": 0.5, "gamma": 0.2},
-        "model": {"preset": "bert-tiny", "num_layers": 3, "max_position_embeddings": 32},
-        "data": {"path": str(data)},
-        "training": {"max_steps": STEPS, "checkpoint_every": 4, "eval_every": 4, "eval_batches": 2, "seed": 3},
-        "wandb": {"enabled": True, "project": "ds-pld-tests"},
-        **top,
-    }
-    path.write_text(json.dumps(config))
     return path
 
 
@@ -76,7 +54,8 @@ def train_command(mpirun: str, config: Path, out: Path) -> list[str]:
 
 def test_mpirun_two_ranks_train_to_the_end(mpirun, prepared, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run(train_command(mpirun, tiny_config(tmp_path / "c.json", prepared), out), cwd=ROOT,
+    config = tiny_train_config(tmp_path / "c.json", prepared, training=TRAINING)
+    proc = subprocess.run(train_command(mpirun, config, out), cwd=ROOT,
                           env=mpi_env(), capture_output=True, text=True, timeout=400)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
@@ -89,7 +68,7 @@ def test_mpirun_two_ranks_train_to_the_end(mpirun, prepared, tmp_path):
 
 
 def test_mpirun_world_size_not_dividing_the_batch_fails_fast(mpirun, prepared, tmp_path):
-    config = json.loads(tiny_config(tmp_path / "c.json", prepared).read_text())
+    config = json.loads(tiny_train_config(tmp_path / "c.json", prepared, training=TRAINING).read_text())
     config.pop("train_micro_batch_size_per_gpu")
     config["train_batch_size"] = 9
     (tmp_path / "c.json").write_text(json.dumps(config))
@@ -108,8 +87,8 @@ class LongRun:
     """A 2-rank mpirun training that would run for hours, with its rank processes once training has started."""
 
     def __init__(self, mpirun: str, prepared: Path, tmp_path: Path, **env: str):
-        config = tiny_config(tmp_path / "c.json", prepared, training={
-            "max_steps": 100000, "checkpoint_every": 1000, "eval_every": 1000, "eval_batches": 1, "seed": 3})
+        config = tiny_train_config(tmp_path / "c.json", prepared, training={
+            "max_steps": 100000, "checkpoint_every": 1000, "eval_every": 1000, "eval_batches": 1})
         out = tmp_path / "out"
         self.log = tmp_path / "log.txt"
         with open(self.log, "w") as log:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, launcher_env
+from conftest import ROOT, launcher_env, tiny_train_config
 from wandb_records import history, read_records
 
 from ds_pld.engine import read_checkpoint_meta
@@ -31,6 +31,7 @@ CLUSTER = ROOT / "tests" / "cluster"
 SUBMIT = ROOT / "launch" / "slurm" / "submit.py"
 SINGLE_NODE = ROOT / "launch" / "slurm" / "pretrain_single_node.sbatch"
 MAX_STEPS = 40
+TRAINING = {"max_steps": MAX_STEPS, "checkpoint_every": 10, "eval_every": 20}
 JOB_TIMEOUT = 300.0  # per wait; the machine is shared with other CPU-heavy tests
 CPU_RESOURCES = ["--gpus-per-node=0", "--cpus-per-task=1", "--ntasks-per-node=2", "--nodes=1", "--time=10"]
 
@@ -59,31 +60,6 @@ def slurm() -> Iterator[dict[str, str]]:
     finally:
         subprocess.run(["bash", str(CLUSTER / "slurm_down.sh"), state], capture_output=True, timeout=180)
         shutil.rmtree(state, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    from ds_pld.data import prepare_dataset
-
-    return prepare_dataset(tmp_path_factory.mktemp("data"), vocab_size=1024, max_seq_length=32, num_proc=1)
-
-
-def tiny_config(path: Path, data: Path, **top) -> Path:
-    """bert-tiny with 3 layers on 32-token sequences: a step takes well under a second on one core."""
-    config = {
-        "train_batch_size": 16, "train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0,
-        "steps_per_print": 10**6,
-        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01}},
-        "lr_schedule": {"type": "warmup_linear", "warmup_proportion": 0.1},
-        "progressive_layer_drop": {"enabled": True, "theta": 0.5, "gamma": 0.2},
-        "model": {"preset": "bert-tiny", "num_layers": 3, "max_position_embeddings": 32},
-        "data": {"path": str(data)},
-        "training": {"max_steps": MAX_STEPS, "checkpoint_every": 10, "eval_every": 20, "eval_batches": 2, "seed": 3},
-        "wandb": {"enabled": True, "project": "ds-pld-tests"},
-        **top,
-    }
-    path.write_text(json.dumps(config))
-    return path
 
 
 # --- talking to the cluster ------------------------------------------------------------------------------------------
@@ -174,7 +150,7 @@ def test_requeued_job_resumes_from_its_checkpoint(slurm, prepared, tmp_path):
     """Two ranks under srun; SIGUSR1 as the time-limit warning sends it (the job checkpoints and requeues itself),
     then `scontrol requeue` as preemption does (the ranks checkpoint on SIGTERM, SLURM requeues); every start resumes
     where the previous one stopped, and the W&B run (rank 0 only) stays one run in the group job-<id>."""
-    config = tiny_config(tmp_path / "config.json", prepared)
+    config = tiny_train_config(tmp_path / "config.json", prepared, training=TRAINING)
     out = tmp_path / "out"
     job = submit(slurm, config, out)
 
@@ -223,7 +199,7 @@ def test_requeued_job_resumes_from_its_checkpoint(slurm, prepared, tmp_path):
 def test_deepspeed_launcher_mode_with_a_hostfile_from_the_allocation(slurm, prepared, tmp_path):
     """The alternative to srun: the DeepSpeed launcher inside the allocation, with a hostfile written from it. The
     time-limit warning still reaches its ranks (SIGUSR1 to the launcher's children), the job requeues and resumes."""
-    config = tiny_config(tmp_path / "config.json", prepared)
+    config = tiny_train_config(tmp_path / "config.json", prepared, training=TRAINING)
     out = tmp_path / "out"
     job = submit(slurm, config, out, "--launcher", "deepspeed")
     wait_for("the first start to train 2 steps", lambda: last_step(out) >= 2)
@@ -245,9 +221,9 @@ def test_deepspeed_launcher_mode_with_a_hostfile_from_the_allocation(slurm, prep
 def test_a_dead_rank_ends_the_job(slurm, prepared, tmp_path):
     """--kill-on-bad-exit: rank 1 killed mid-run takes the step down at once (no wait on the collective timeout);
     the job fails and is not requeued."""
-    config = tiny_config(tmp_path / "config.json", prepared,
-                         training={"max_steps": 100000, "checkpoint_every": 1000, "eval_every": 1000,
-                                   "eval_batches": 1, "seed": 3})
+    config = tiny_train_config(tmp_path / "config.json", prepared,
+                               training={"max_steps": 100000, "checkpoint_every": 1000, "eval_every": 1000,
+                                         "eval_batches": 1})
     out = tmp_path / "out"
     job = submit(slurm, config, out)
     wait_for("training to start", lambda: last_step(out) >= 2)
@@ -266,7 +242,7 @@ def test_a_dead_rank_ends_the_job(slurm, prepared, tmp_path):
 def test_world_size_not_dividing_the_batch_fails_fast(slurm, prepared, tmp_path):
     """submit.py refuses before queueing, naming the key; the raw sbatch job fails at once with train.py's
     ConfigError in its log (no hang)."""
-    config = tiny_config(tmp_path / "config.json", prepared, train_batch_size=9)
+    config = tiny_train_config(tmp_path / "config.json", prepared, train_batch_size=9)
     del_micro = json.loads(config.read_text())
     del del_micro["train_micro_batch_size_per_gpu"]
     config.write_text(json.dumps(del_micro))
@@ -299,7 +275,7 @@ def test_missing_config_and_hostfile_fail_before_srun(slurm, prepared, tmp_path)
     assert f"config '{missing}' does not exist on node" in log
     assert "srun:" not in log and "launcher slurm" not in log, "nothing may start before the check"
 
-    config = tiny_config(tmp_path / "config.json", prepared)
+    config = tiny_train_config(tmp_path / "config.json", prepared, training=TRAINING)
     hostfile = tmp_path / "no_such_hostfile"
     job = sbatch(slurm, out, str(config), str(out), export=f"ALL,DS_PLD_LAUNCHER=deepspeed,DS_PLD_HOSTFILE={hostfile}")
     info = wait_until_done(job, slurm, timeout=120)
@@ -313,7 +289,7 @@ def test_missing_config_and_hostfile_fail_before_srun(slurm, prepared, tmp_path)
 
 
 def test_submit_fills_the_script_from_the_command_line(prepared, tmp_path):
-    config = tiny_config(tmp_path / "config.json", prepared, train_batch_size=64)
+    config = tiny_train_config(tmp_path / "config.json", prepared, train_batch_size=64)
     proc = run([sys.executable, str(SUBMIT), "--config", str(config), "--output_dir", str(tmp_path / "out"),
                 "--nodes", "2", "--gpus_per_node", "4", "--time", "2:00:00", "--partition", "gpu", "--dry_run", "--",
                 "--max_steps", "7"], launcher_env())

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, launcher_env, run_deepspeed
+from conftest import ROOT, launcher_env, run_deepspeed, tiny_train_config
 from wandb_records import history, run_id
 
 from ds_pld.config_errors import ConfigError
@@ -18,31 +18,6 @@ from ds_pld.training.run import resolve_batch_sizes
 TRAIN = str(ROOT / "launch" / "train.py")
 STEPS = 12
 FIELDS = {"step", "loss", "lr", "pld_theta", "expected_layers", "samples_per_sec", "layers_run"}
-
-
-def tiny_config(tmp_path: Path, data: Path, **training) -> Path:
-    config = {
-        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
-        "steps_per_print": 10**6,
-        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01}},
-        "lr_schedule": {"type": "warmup_linear", "warmup_proportion": 0.1},
-        "progressive_layer_drop": {"enabled": True, "theta": 0.5, "gamma": 0.2},
-        "model": {"preset": "bert-tiny", "num_layers": 3, "max_position_embeddings": 32},
-        "data": {"path": str(data)},
-        "training": {"max_steps": STEPS, "checkpoint_every": 4, "eval_every": 6, "eval_batches": 2, "seed": 3,
-                     **training},
-        "wandb": {"enabled": True, "project": "ds-pld-tests"},
-    }
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(config))
-    return path
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    from ds_pld.data import prepare_dataset
-
-    return prepare_dataset(tmp_path_factory.mktemp("data"), vocab_size=1024, max_seq_length=32, num_proc=1)
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -66,7 +41,7 @@ def losses(out: Path) -> list[float]:
 def straight(prepared, tmp_path_factory) -> Path:
     """One uninterrupted 2-rank run, shared by the tests below."""
     tmp = tmp_path_factory.mktemp("straight")
-    train(tiny_config(tmp, prepared), tmp / "out")
+    train(tiny_train_config(tmp / "config.json", prepared), tmp / "out")
     return tmp / "out"
 
 
@@ -102,7 +77,7 @@ def test_wandb_offline_run_has_the_logged_keys(straight):
 
 @pytest.mark.slow
 def test_stop_and_resume_equals_straight_through(prepared, straight, tmp_path):
-    config = tiny_config(tmp_path, prepared)
+    config = tiny_train_config(tmp_path / "config.json", prepared)
     out = tmp_path / "out"
     train(config, out, "--stop_at_step", "4")
     assert losses(out) == losses(straight)[:4]
@@ -115,7 +90,7 @@ def test_stop_and_resume_equals_straight_through(prepared, straight, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_during_checkpoint_write_leaves_a_resumable_run(prepared, straight, tmp_path):
-    config = tiny_config(tmp_path, prepared)
+    config = tiny_train_config(tmp_path / "config.json", prepared)
     out = tmp_path / "out"
     killed = train(config, out, extra_env={"DS_PLD_KILL_DURING_CHECKPOINT": "global_step8"}, check=False)
     assert killed.returncode != 0
@@ -143,7 +118,7 @@ def test_batch_sizes_are_checked_against_the_world_size():
     ({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4}, "train_batch_size"),
 ])
 def test_bad_input_fails_before_training_naming_the_problem(prepared, tmp_path, change, message):
-    config = json.loads(tiny_config(tmp_path, prepared).read_text())
+    config = json.loads(tiny_train_config(tmp_path / "config.json", prepared).read_text())
     config.update(change)
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(config))
@@ -166,7 +141,7 @@ def test_quick_start_config_is_valid():
 
 @pytest.mark.slow
 def test_earlybert_with_pld_searches_draws_prunes_and_resumes(prepared, tmp_path):
-    config = json.loads(tiny_config(tmp_path, prepared).read_text())
+    config = json.loads(tiny_train_config(tmp_path / "config.json", prepared).read_text())
     config["model"]["num_heads"] = 4
     config["earlybert"] = {"lambda_head": 1e-2, "lambda_ffn": 1e-2, "check_every": 1, "window": 2, "epsilon": 0.5,
                            "max_search_steps": 5, "head_prune_ratio": 0.25, "ffn_prune_ratio": 0.4}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,12 +48,30 @@ class WandbTracker:
         run_id = saved.get("id") or uuid.uuid4().hex[:12]
         mode = wandb_mode()
         group = config.group or job_group() or output_dir.resolve().name
-        self.run = wandb.init(project=config.project, entity=config.team, group=group, tags=list(config.tags),
-                              name=f"{group}-rank{rank}" if config.log_all_ranks else group, id=run_id,
-                              resume="allow", dir=str(output_dir), mode=mode, config=dict(run_config))
+        settings = dict(project=config.project, entity=config.team, group=group, tags=list(config.tags),
+                        name=f"{group}-rank{rank}" if config.log_all_ranks else group, id=run_id, resume="allow",
+                        dir=str(output_dir), mode=mode, config=dict(run_config))
+        self.run = self._init_when_free(wandb, settings)
+        if self.run is None:
+            return
         run_file.write_text(json.dumps({"id": run_id, "mode": mode, "dir": self.run.dir}))
         print(f"[ds_pld] W&B run {run_id} ({mode}) in {Path(self.run.dir).parent}"
               + (" -- sync later with `wandb sync <that folder>`" if mode == "offline" else ""), flush=True)
+
+    @staticmethod
+    def _init_when_free(wandb: Any, settings: dict[str, Any], wait_s: float = 120.0) -> Any:
+        """wandb.init, waiting while the previous start of this job (killed, or just exited) still holds the run
+        id in its W&B service; past `wait_s` training goes on without W&B rather than failing."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return wandb.init(**settings)
+            except Exception as err:  # wandb raises its own error types, which vary by version
+                if "in use" not in str(err) or time.monotonic() > deadline:
+                    print(f"[ds_pld] W&B disabled for this start ({type(err).__name__}: {err}); metrics.jsonl "
+                          f"still has every step", flush=True)
+                    return None
+                time.sleep(2.0)
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         if self.run is not None:
