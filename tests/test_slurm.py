@@ -319,11 +319,11 @@ def test_wandb_groups_ranks_by_job_and_only_rank0_logs_by_default(tmp_path, monk
         tracker.finish()
     files = sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == (2 if log_all_ranks else 1)
-    runs = [next(r.run for r in read_records(f) if r.WhichOneof("record_type") == "run") for f in files]
+    runs = [next(r.run for r in read_records(f, wait_s=60) if r.WhichOneof("record_type") == "run") for f in files]
     assert {run.run_group for run in runs} == {"job-4242"}
     assert (tmp_path / "wandb_run_rank1.json").is_file() == log_all_ranks
     if log_all_ranks:
         assert {run.display_name for run in runs} == {"job-4242-rank0", "job-4242-rank1"}
         assert len({run.run_id for run in runs}) == 2
     else:
-        assert history(files[0])[0]["loss"] == "1.5", "rank 0's metrics"
+        assert history(files[0], wait_s=60)[0]["loss"] == "1.5", "rank 0's metrics"

@@ -67,12 +67,12 @@ def test_two_rank_run_learns_and_writes_metrics_plot_and_model(straight):
 def test_wandb_offline_run_has_the_logged_keys(straight):
     runs = list((straight / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1, runs
-    rows = history(runs[0])
+    rows = history(runs[0], wait_s=60)
     assert len(rows) == STEPS
     assert FIELDS <= set(rows[-1])
     assert json.loads(rows[0]["loss"]) == pytest.approx(losses(straight)[0])
     saved = json.loads((straight / "wandb_run.json").read_text())
-    assert saved["id"] == run_id(runs[0]) and saved["mode"] == "offline"
+    assert saved["id"] == run_id(runs[0], wait_s=60) and saved["mode"] == "offline"
 
 
 @pytest.mark.slow
