@@ -308,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device = torch.device("cuda")
     vocab_size = args.vocab_size or build_bert_config(args.preset).vocab_size
-    setup = Setup(device=device, preset=args.preset, vocab_size=vocab_size, batch_size=args.batch_size, seq_len=args.seq_len,
-                  masked_per_sequence=max(1, round(args.mask_fraction * args.seq_len)), precision=args.precision,
+    setup = Setup(device=device, preset=args.preset, vocab_size=vocab_size, batch_size=args.batch_size,
+                  seq_len=args.seq_len, masked_per_sequence=max(1, round(args.mask_fraction * args.seq_len)),
+                  precision=args.precision,
                   warmup=args.warmup, steps=args.steps, pld_theta=args.pld_theta, compile=args.compile)
     matmul = matmul_tflops(device, args.matmul_size)
     release_memory(device)

@@ -190,7 +190,7 @@ class PretrainingRun:
         theta = engine.get_pld_theta()
         started = time.perf_counter()
         engine.module.train()
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), device=engine.device)  # summed on the device: no sync per micro-batch
         layers_run = 0
         for micro in range(self.accumulation):
             torch.manual_seed(derived_seed(self.seed, step, micro, self.rank))  # dropout, as a function of position
@@ -199,10 +199,9 @@ class PretrainingRun:
             loss = out.loss + self.bird.penalty(engine.module) if self.searching else out.loss
             engine.backward(loss)
             engine.step()
-            loss_sum += out.loss.detach().double().cpu()
+            loss_sum += out.loss.detach().float()
             layers_run += out.layers_run
-        shared = torch.tensor([float(loss_sum) / self.accumulation, float(stop_requested)], dtype=torch.float64)
-        shared = shared.to(engine.device)
+        shared = torch.stack([loss_sum / self.accumulation, torch.tensor(float(stop_requested), device=engine.device)])
         dist.all_reduce(shared)
         elapsed = time.perf_counter() - started
         samples = self.micro_batch * self.accumulation * self.world_size
