@@ -11,13 +11,13 @@ import argparse
 import logging
 import math
 import os
-import socket
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ds_pld.config_errors import ConfigError
+from ds_pld.config_errors import ConfigError  # noqa: E402
+from ds_pld.training.distributed import init_distributed, shutdown_distributed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,21 +50,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def init_distributed() -> None:
-    """The deepspeed launcher sets RANK/WORLD_SIZE; plain `python` runs one rank."""
-    import deepspeed
-    import torch
-
-    if "RANK" not in os.environ:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -77,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    shutdown_distributed()
     average = summary["glue_average"]
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"GLUE average: {average:.2f}" if not math.isnan(average) else "GLUE average: n/a")

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds_pld.config import parse_config  # noqa: E402
 from ds_pld.models import build_bert_config  # noqa: E402
-from ds_pld.training.distributed import init_distributed  # noqa: E402
+from ds_pld.training.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from ds_pld.training.run import build_run  # noqa: E402
 from ds_pld.training.stop import StopRequest  # noqa: E402
 
@@ -45,7 +45,7 @@ def load_config(args: argparse.Namespace):
         data=dataclasses.replace(config.data, path=args.data) if args.data else config.data)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(args)  # all config errors surface here, before any process group or data work
     init_distributed()
@@ -67,12 +67,15 @@ def main(argv: list[str] | None = None) -> None:
             if stopping:
                 run.tracker.finish()
                 bar.write(f"stopped at step {run.step}; continue with --resume")
-                sys.exit(143 if stop.requested else 0)
+                shutdown_distributed()
+                return 143 if stop.requested else 0
     bar.close()
     final = run.finish()
     if final is not None:
         print(f"done: {run.step} steps; model in {final}, metrics in {Path(args.output_dir) / 'metrics.jsonl'}")
+    shutdown_distributed()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

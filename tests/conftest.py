@@ -28,7 +28,10 @@ def single_rank_world():
                       MASTER_PORT=str(free_port()))
     import deepspeed
 
+    from ds_pld.training.distributed import release_shm_names
+
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    release_shm_names()
     yield
 
 
@@ -43,13 +46,17 @@ def launcher_env() -> dict[str, str]:
 
 def run_deepspeed(args: list[str], num_ranks: int = 2, timeout: float = 600, cwd: Path = ROOT,
                   env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Start real ranks through the `deepspeed` launcher (CPU: gloo)."""
+    """Start real ranks through the `deepspeed` launcher (CPU: gloo). A run that succeeds must not leave DeepSpeed's
+    shared-memory all-reduce segments behind in /dev/shm (66 MB per rank; see release_shm_names)."""
+    port = free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks),
-           "--master_port", str(free_port()), *args]
+           "--master_port", str(port), *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env or launcher_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"deepspeed launcher failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n"
                              f"{proc.stderr[-6000:]}")
+    leaked = sorted(path.name for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"the run left shared memory behind: {leaked}"
     return proc
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers.utils import ModelOutput
 
 from ds_pld.kernels import build_ops
 from ds_pld.models.config import BertConfig, build_bert_config
@@ -22,16 +23,19 @@ IGNORE_INDEX = -100
 
 
 @dataclass
-class PretrainingOutput:
+class PretrainingOutput(ModelOutput):
     """loss: MLM (+ NSP) loss; logits: MLM logits of the masked positions only (all positions when no labels);
-    masked_labels: the labels of those positions, in the same order; layers_run: layers executed this pass."""
+    masked_labels: the labels of those positions, in the same order; layers_run: layers executed this pass.
 
-    loss: torch.Tensor | None
-    logits: torch.Tensor
-    masked_labels: torch.Tensor | None
-    nsp_logits: torch.Tensor | None
-    hidden_states: torch.Tensor
-    layers_run: int
+    A transformers ModelOutput (a dict) rather than a plain dataclass: ZeRO-3 finds the output tensors of a module by
+    walking tuples and dicts, and hooks the root module's backward through them; a plain dataclass hides them."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    masked_labels: torch.Tensor | None = None
+    nsp_logits: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+    layers_run: int | None = None
 
 
 class BertEmbeddings(nn.Module):
@@ -174,8 +178,8 @@ class BertForPreTraining(nn.Module):
                                          pld_theta, pld_seed)
         decoder = self.embeddings.word.weight
         if labels is None:
-            return PretrainingOutput(None, self.mlm(hidden, decoder), None, self._nsp_logits(hidden), hidden,
-                                     layers_run)
+            return PretrainingOutput(logits=self.mlm(hidden, decoder), nsp_logits=self._nsp_logits(hidden),
+                                     hidden_states=hidden, layers_run=layers_run)
         flat_labels = labels.reshape(-1)
         positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
         masked_labels = flat_labels.index_select(0, positions)
@@ -184,7 +188,8 @@ class BertForPreTraining(nn.Module):
         nsp_logits = self._nsp_logits(hidden)
         if nsp_logits is not None and next_sentence_label is not None:
             loss = loss + F.cross_entropy(nsp_logits.float(), next_sentence_label.reshape(-1))
-        return PretrainingOutput(loss, logits, masked_labels, nsp_logits, hidden, layers_run)
+        return PretrainingOutput(loss=loss, logits=logits, masked_labels=masked_labels, nsp_logits=nsp_logits,
+                                 hidden_states=hidden, layers_run=layers_run)
 
     def _nsp_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         if not self.config.next_sentence_head:

@@ -3,11 +3,13 @@ plain `python` (one rank). See docs/launching.md for the commands."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import deepspeed
 
@@ -153,8 +155,36 @@ def init_distributed() -> str:
     if kind == "mpi":
         _finalize_mpi_only_after_success()
     deepspeed.init_distributed(auto_mpi_discovery=kind == "mpi", distributed_port=port, timeout=timeout)
+    release_shm_names()
     if deepspeed.comm.get_rank() == 0:
         print(f"[ds_pld] launcher {kind}: world size {deepspeed.comm.get_world_size()}, master "
               f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}, collective timeout "
               f"{timeout.total_seconds():.0f} s", flush=True)
     return kind
+
+
+def release_shm_names() -> None:
+    """Unlink this rank's /dev/shm segment of DeepSpeed's CPU shared-memory all-reduce, once every rank has mapped it.
+
+    DeepSpeed 0.19.8 creates one 66 MB segment per rank (deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>, when
+    the launcher sets LOCAL_SIZE) and never unlinks it, so every CPU run leaks it until reboot; a test suite or a
+    sweep fills the node's memory. The mappings stay valid after the unlink and the memory is returned when the last
+    rank exits, however it exits. Each rank maps all peers' segments inside init_distributed, hence the barrier."""
+    backend = getattr(deepspeed.comm.comm, "cdb", None)
+    world = deepspeed.comm.get_world_size() if deepspeed.comm.is_initialized() else 0
+    if getattr(backend, "shm_comm_op", None) is None or os.environ.get("LOCAL_SIZE") != str(world):
+        return  # the same answer on every rank: no segment was made, no barrier
+    deepspeed.comm.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{deepspeed.comm.get_rank()}")
+    with contextlib.suppress(FileNotFoundError):
+        (Path("/dev/shm") / name).unlink()
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group while the interpreter is still whole. Left to interpreter shutdown, gloo's worker
+    threads can still hold async work (ZeRO-3 gathers asynchronously) and the rank dies with SIGABRT ("terminate
+    called without an active exception", pytorch/pytorch#190489): a failed exit code for a job that succeeded. Call it
+    on the success path only; after a failure a peer may be gone, and the exit is already an error."""
+    if deepspeed.comm.is_initialized():
+        deepspeed.comm.destroy_process_group()

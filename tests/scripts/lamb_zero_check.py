@@ -31,6 +31,7 @@ from deepspeed import comm as dist  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 
 from ds_pld.optim import Lamb, LambConfig, bind_lamb_to_engine, build_lamb  # noqa: E402
+from ds_pld.training.distributed import init_distributed, shutdown_distributed  # noqa: E402
 
 VOCAB, SEQ, CLASSES, GLOBAL_BATCH = 64, 8, 10, 16
 LAMB_BLOCK = {"type": "Lamb", "params": {"lr": 0.02, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01,
@@ -258,7 +259,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()
     world = dist.get_world_size()
     # Ranks share the CPU: more intra-op threads than cores per rank makes every step several times slower.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -299,6 +300,7 @@ def main() -> None:
         for key, run in report["checkpoint"].items():
             print(f"checkpoint {key:24s} state_equal={run['state_equal']} max_rel_err={run['max_rel_err']:.2e} "
                   f"total={run['total_s']:.1f}s")
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from deepspeed import comm as dist
 
 import ds_pld
 from ds_pld.models import build_model
+from ds_pld.training.distributed import init_distributed, shutdown_distributed
 
 VOCAB, SEQ, STEPS = 64, 16, 6
 
@@ -55,11 +56,12 @@ def run(stage: int, checkpointing: bool) -> dict:
 
 
 def main() -> None:
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()
     results = [run(stage, False) for stage in (0, 1, 2, 3)] + [run(2, True)]
     if dist.get_rank() == 0:
         with open(sys.argv[-1], "w") as handle:
             json.dump(results, handle)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
