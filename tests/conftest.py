@@ -39,7 +39,9 @@ def launcher_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
     env.setdefault("OMP_NUM_THREADS", "1")
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    # WANDB_SERVICE: an in-process wandb.init (tests of the tracker) exports its service's address, and a child
+    # that inherits it logs through this process's service, which outlives a killed rank and keeps its run id busy.
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "WANDB_SERVICE"):
         env.pop(key, None)
     return env
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, launcher_env, run_deepspeed, tiny_train_config
-from wandb_records import history, run_id
+from wandb_records import history, logged_steps, run_files, run_id
 
 from ds_pld.config_errors import ConfigError
 from ds_pld.training.metrics import read_metrics
@@ -83,9 +83,11 @@ def test_stop_and_resume_equals_straight_through(prepared, straight, tmp_path):
     assert losses(out) == losses(straight)[:4]
     train(config, out, "--resume")
     assert losses(out) == pytest.approx(losses(straight), rel=1e-6, abs=1e-6)
-    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    runs = run_files(out)
     assert {run_id(r) for r in runs} == {json.loads((out / "wandb_run.json").read_text())["id"]}, \
         "a resumed job must continue the same W&B run"
+    assert [logged_steps(r, wait_s=60) for r in runs] == [list(range(1, 5)), list(range(5, STEPS + 1))], \
+        "the first start closed its W&B run, so the second logs only its own steps"
 
 
 @pytest.mark.slow
@@ -100,6 +102,9 @@ def test_sigkill_during_checkpoint_write_leaves_a_resumable_run(prepared, straig
     train(config, out, "--resume")
     assert (checkpoints / "latest").read_text() == f"global_step{STEPS}"
     assert losses(out) == pytest.approx(losses(straight), rel=1e-6, abs=1e-6)
+    # The killed start never closed its W&B run, so what its service wrote is unknown: the resumed start logs the
+    # steps up to its checkpoint again from metrics.jsonl, then its own.
+    assert logged_steps(run_files(out)[-1], wait_s=60) == list(range(1, STEPS + 1))
 
 
 def test_batch_sizes_are_checked_against_the_world_size():

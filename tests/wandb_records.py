@@ -2,6 +2,7 @@
 offline run recorded. wandb 0.31 ships the protobuf schema but no Python reader for the file."""
 from __future__ import annotations
 
+import json
 import struct
 import time
 from pathlib import Path
@@ -68,3 +69,12 @@ def run_id(path: str | Path, wait_s: float = 0.0) -> str | None:
         if record.WhichOneof("record_type") == "run":
             return record.run.run_id
     return None
+
+
+def run_files(output_dir: str | Path) -> list[Path]:
+    """The offline run files of a training output folder, one per start, oldest first (named by start time)."""
+    return sorted(Path(output_dir).glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def logged_steps(path: str | Path, wait_s: float = 0.0) -> list[int]:
+    return [int(json.loads(row["step"])) for row in history(path, wait_s)]

@@ -22,7 +22,7 @@ from ds_pld.engine import DsPldEngine, read_checkpoint_meta
 from ds_pld.models import BertForPreTraining, build_bert_config
 from ds_pld.models.io import save_pretrained
 from ds_pld.pld import expected_layers, theta_at
-from ds_pld.training.metrics import MetricsFile, plot_metrics
+from ds_pld.training.metrics import MetricsFile, plot_metrics, read_metrics
 from ds_pld.training.schedules import build_lr_scheduler
 from ds_pld.training.tracking import WandbTracker
 
@@ -118,6 +118,8 @@ class PretrainingRun:
         self.masker = MLMMasker(self.data.tokenizer, config.data.mlm_probability)
         self.metrics = MetricsFile(output_dir / "metrics.jsonl", self.resumed_from) if self.rank == 0 else None
         self.tracker = WandbTracker(config.wandb, output_dir, self.rank, self._run_summary(), resume)
+        if self.metrics is not None and self.resumed_from is not None:
+            self.tracker.replay(read_metrics(self.metrics.path), self.resumed_from)
 
     # --- construction -----------------------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,10 @@ class WandbTracker:
         import wandb
 
         self.run = None
+        self._run_file: Path | None = None
+        self._identity: dict[str, str] = {}
+        self._complete_through = 0  # W&B holds every step up to here: the last start that closed cleanly
+        self._last_step = 0
         if not config.enabled or (rank != 0 and not config.log_all_ranks):
             return
         output_dir = Path(output_dir)
@@ -54,7 +58,10 @@ class WandbTracker:
         self.run = self._init_when_free(wandb, settings)
         if self.run is None:
             return
-        run_file.write_text(json.dumps({"id": run_id, "mode": mode, "dir": self.run.dir}))
+        self._run_file = run_file
+        self._identity = {"id": run_id, "mode": mode, "dir": self.run.dir}
+        self._complete_through = int(saved.get("complete_through", 0))
+        self._save_run_file()
         print(f"[ds_pld] W&B run {run_id} ({mode}) in {Path(self.run.dir).parent}"
               + (" -- sync later with `wandb sync <that folder>`" if mode == "offline" else ""), flush=True)
 
@@ -77,8 +84,26 @@ class WandbTracker:
         if self.run is not None:
             try:
                 self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+                self._last_step = step
             except Exception as err:
                 self._give_up(err)
+
+    def replay(self, records: Iterable[Mapping[str, Any]], through_step: int) -> int:
+        """Log again, on resume, the metrics.jsonl steps up to the checkpoint that W&B may not have: those after the
+        last start that closed cleanly. A start stopped by SIGTERM (SLURM preemption, `scontrol requeue`) or killed
+        loses W&B's service with it, and with the service whatever it had not written yet. Online, steps the server
+        already has are skipped (a resumed run's step counter starts after them); offline, the next file holds them
+        again and W&B ignores a step below the run's current one. Returns how many steps were logged."""
+        if self.run is None:
+            return 0
+        first = max(self._complete_through + 1, int(getattr(self.run, "step", 0) or 0))
+        missing = [r for r in records if first <= r.get("step", 0) <= through_step]
+        for record in missing:
+            self.log(record, step=record["step"])
+        if missing:
+            print(f"[ds_pld] W&B: logged steps {first}-{through_step} again from metrics.jsonl (the previous start "
+                  f"did not close its W&B run)", flush=True)
+        return len(missing)
 
     def finish(self) -> None:
         if self.run is not None:
@@ -86,6 +111,17 @@ class WandbTracker:
                 self.run.finish()
             except Exception as err:
                 self._give_up(err)
+                return
+            self._complete_through = max(self._complete_through, self._last_step)
+            self._save_run_file()
+
+    def _save_run_file(self) -> None:
+        """Written atomically: a start killed while writing must not lose the run id."""
+        if self._run_file is None:
+            return
+        tmp = self._run_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**self._identity, "complete_through": self._complete_through}))
+        tmp.replace(self._run_file)
 
     def _give_up(self, err: Exception) -> None:
         """Tracking must never end training: SLURM's SIGTERM (preemption, requeue, scancel) reaches every process
