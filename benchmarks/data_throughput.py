@@ -1,6 +1,13 @@
-"""Is the data pipeline ever the bottleneck? Tokens/s of preparation and of the loader vs. the training step.
+"""Is the data pipeline ever the bottleneck? Tokens/s of preparation and of the loader vs. the training step; and
+how preparation's time and memory grow with the corpus.
 
     python benchmarks/data_throughput.py [--preset bert-base] [--train_micro_batch 8] [--num_proc N]
+    python benchmarks/data_throughput.py --scaling 1 4 16 [--corpus 'FILES...'] [--num_proc N]
+
+Scaling: the corpus (default: the embedded one) repeated 1x, 4x, 16x into one text file, each prepared from scratch
+in a fresh process; prints tokens/s of the preparation (interpreter start-up and imports excluded), the process
+tree's peak RSS (the tokenizing workers included, from wait4) and
+the seconds per stage from meta.json. Bounded memory shows as a flat peak-RSS column.
 
 Preparation: prepare_dataset on the embedded default corpus into a fresh folder (uncached: vocab training,
 tokenizing, packing, saving). Loader: StepBatches.examples + MLMMasker per micro-batch. Training: forward +
@@ -13,6 +20,8 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +34,81 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ds_pld.data import MLMMasker, StepBatches, load_pretraining_data, prepare_dataset
 from ds_pld.models import build_model
 
+PREPARE_CHILD = """
+import sys
+from ds_pld.data import prepare_dataset
+prepare_dataset(sys.argv[1], corpus_files=[sys.argv[2]], max_seq_length=int(sys.argv[3]), num_proc=int(sys.argv[4]),
+                encoding_errors="replace")
+"""
+
+
+def corpus_text(patterns: list[str] | None) -> bytes:
+    """The corpus as one blank-line separated text (decompressed; dictd entries are documents already)."""
+    from ds_pld.data.corpus import (
+        default_documents,
+        expand_corpus_paths,
+        file_kind,
+        iter_dictd_documents,
+        open_corpus_bytes,
+    )
+
+    if not patterns:
+        return "\n\n".join(default_documents()).encode()
+    parts = []
+    for path in expand_corpus_paths(patterns):
+        if file_kind(path) == "dictd":
+            parts.append("\n\n".join(iter_dictd_documents(path, "replace")).encode())
+        else:
+            with open_corpus_bytes(path) as handle:
+                parts.append(handle.read())
+    return b"\n\n".join(parts)
+
+
+def scaling(args: argparse.Namespace) -> list[dict]:
+    """Prepare the corpus repeated x times, each in a fresh process tree; wall time, tokens/s and peak RSS."""
+    base = corpus_text(args.corpus)
+    num_proc = args.num_proc or os.cpu_count() or 1
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for scale in args.scaling:
+            corpus = Path(folder) / f"corpus_{scale}x.txt"
+            with corpus.open("wb") as handle:
+                for _ in range(scale):
+                    handle.write(base + b"\n\n")
+            out = Path(folder) / f"out_{scale}x"
+            started = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-c", PREPARE_CHILD, str(out), str(corpus),
+                                     str(args.max_seq_length), str(num_proc)],
+                                    env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            _, status, usage = os.wait4(proc.pid, 0)
+            seconds = time.perf_counter() - started
+            if status:
+                raise RuntimeError(f"preparing {scale}x failed: {proc.stderr.read().decode()[-2000:]}")
+            meta = json.loads((out / "meta.json").read_text())
+            tokens = sum(c["corpus_tokens"] for c in meta["counts"].values())
+            rows.append({"scale": scale, "corpus_mb": round(corpus.stat().st_size / 2**20, 1), "tokens": tokens,
+                         "process_seconds": round(seconds, 1), "seconds": meta["seconds"],
+                         "tokens_per_s": round(tokens / meta["seconds"]),
+                         "peak_rss_mb": round(usage.ru_maxrss / 1024), "stage_seconds": meta["stage_seconds"],
+                         "shards": len(list((out / "dataset" / "train").glob("*.arrow")))})
+            corpus.unlink()
+            shutil.rmtree(out)
+    return rows
+
+
+def print_scaling(rows: list[dict], args: argparse.Namespace) -> None:
+    print(json.dumps({"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
+                      "load_average_1min": round(os.getloadavg()[0], 2), "num_proc": args.num_proc,
+                      "corpus": args.corpus or "embedded default", "rows": rows}, indent=2))
+    print("| corpus | tokens | preparation s | tokens/s | peak RSS MB | slowest stages (s) |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for row in rows:
+        stages = sorted(row["stage_seconds"].items(), key=lambda item: -item[1])[:3]
+        print(f"| {row['scale']}x ({row['corpus_mb']} MB) | {row['tokens']:,} | {row['seconds']} | "
+              f"{row['tokens_per_s']:,} | {row['peak_rss_mb']} | "
+              + ", ".join(f"{name} {value:.1f}" for name, value in stages) + " |")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,7 +119,13 @@ def main() -> None:
     parser.add_argument("--loader_batches", type=int, default=300)
     parser.add_argument("--train_micro_batch", type=int, default=8)
     parser.add_argument("--train_steps", type=int, default=3)
+    parser.add_argument("--scaling", type=int, nargs="+", metavar="X",
+                        help="scaling table instead: prepare the corpus repeated X times (e.g. 1 4 16)")
+    parser.add_argument("--corpus", action="append", help="corpus files / globs for --scaling (default: embedded)")
     args = parser.parse_args()
+    if args.scaling:
+        print_scaling(scaling(args), args)
+        return
     seq = args.max_seq_length
 
     with tempfile.TemporaryDirectory() as folder:

@@ -21,7 +21,8 @@ from ds_pld.data import load_pretraining_data, prepare_dataset
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", action="append", default=None, metavar="FILE",
-                        help="text file (blank-line separated documents) or .jsonl/.json file; repeatable; "
+                        help="text file (blank-line separated documents) or .jsonl/.json file, optionally .gz/.dz "
+                             "compressed, or a glob pattern ('docs/**/*.txt', quoted); repeatable; "
                              "default: the embedded pydoc_data.topics corpus")
     parser.add_argument("--hub_dataset", default=None, help="hub dataset 'name[:config]' instead of --corpus (online)")
     parser.add_argument("--tokenizer", default=None,
@@ -33,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_proc", type=int, default=None, help="tokenizing processes (default: all cores)")
     parser.add_argument("--text_field", default="text", help="JSON-lines / hub column holding the text")
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    parser.add_argument("--encoding_errors", choices=("strict", "replace"), default="strict",
+                        help="bytes that are not UTF-8: refuse the file (strict) or replace each with U+FFFD and "
+                             "count them in meta.json (replace)")
     return parser.parse_args(argv)
 
 
@@ -43,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         out = prepare_dataset(args.output_dir, corpus_files=args.corpus, tokenizer=args.tokenizer,
                               max_seq_length=args.max_seq_length, validation_fraction=args.validation_fraction,
                               vocab_size=args.vocab_size, num_proc=args.num_proc, text_field=args.text_field,
-                              hub_dataset=args.hub_dataset, seed=args.seed)
+                              hub_dataset=args.hub_dataset, seed=args.seed, encoding_errors=args.encoding_errors)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -51,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, counts in data.meta["counts"].items():
         print(f"{name:>10}: {counts['sequences']} sequences x {data.max_seq_length} = {counts['tokens']} tokens "
               f"from {counts['documents']} documents")
+    replaced = data.meta["corpus"].get("replaced_bytes")
+    if replaced:
+        print(f"{'replaced':>10}: {replaced} bytes that were not UTF-8 (U+FFFD)")
     print(f"{'vocab':>10}: {data.vocab_size} ({data.meta['dtype']} ids)\n{'output':>10}: {out}")
     return 0
 

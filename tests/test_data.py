@@ -302,3 +302,112 @@ def test_cli_summary_and_error(default_data: Path, capsys) -> None:
     missing = default_data / "missing.txt"
     assert cli.main(["--output_dir", str(default_data), "--corpus", str(missing)]) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+# --- real corpora: compressed files, dictd databases, stray bytes, glob patterns -------------------------------------
+
+
+def dictzip(path: Path, data: bytes) -> Path:
+    """A gzip member with the FEXTRA 'RA' (random access) field that dictzip writes, as Debian's `.dict.dz` files."""
+    import struct
+    import zlib
+
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = compressor.compress(data) + compressor.flush()
+    extra = b"RA" + struct.pack("<H", 6) + struct.pack("<HHH", 1, 58315, 1)
+    header = b"\x1f\x8b\x08\x04" + b"\0\0\0\0" + b"\x02\x03" + struct.pack("<H", len(extra)) + extra
+    path.write_bytes(header + body + struct.pack("<II", zlib.crc32(data), len(data) & 0xFFFFFFFF))
+    return path
+
+
+def dictd_number(value: int) -> str:
+    digits = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    out = ""
+    while True:
+        out = digits[value % 64] + out
+        value //= 64
+        if not value:
+            return out
+
+
+def write_dictd(folder: Path, entries: list[str], stray: bytes = b"") -> Path:
+    """NAME.dict.dz + NAME.index: a header entry, then one entry per document, the first with two headwords."""
+    header = b"00-database-short\n   a test dictionary\n"
+    content, index = bytearray(header), [f"00-database-short\tA\t{dictd_number(len(header))}"]
+    for i, text in enumerate(entries):
+        raw = text.encode() + (stray if i == 1 else b"") + b"\n\n"
+        index.append(f"{word(i)}\t{dictd_number(len(content))}\t{dictd_number(len(raw))}")
+        if i == 0:
+            index.append(f"{word(i)}s\t{dictd_number(len(content))}\t{dictd_number(len(raw))}")
+        content += raw
+    (folder / "test.index").write_text("\n".join(sorted(index)) + "\n")
+    return dictzip(folder / "test.dict.dz", bytes(content))
+
+
+def test_compressed_text_reads_like_plain_text(tmp_path: Path) -> None:
+    import gzip
+
+    plain = write_word_corpus(tmp_path / "plain.txt", documents=12)
+    packed = tmp_path / "packed.txt.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    dz = dictzip(tmp_path / "packed.txt.dz", plain.read_bytes())
+    kwargs = {"max_seq_length": 16, "vocab_size": 300, "num_proc": 1}
+    results = [load_pretraining_data(prepare_dataset(tmp_path / f"out{i}", corpus_files=[path], **kwargs))
+               for i, path in enumerate((plain, packed, dz))]
+    def texts(data) -> list[list[str]]:  # each run trains its own vocabulary: compare tokens, not ids
+        return [data.tokenizer.convert_ids_to_tokens(row) for row in data.train[:]["input_ids"].tolist()]
+
+    for other in results[1:]:
+        assert other.meta["counts"] == results[0].meta["counts"] and other.meta["counts"]["train"]["documents"]
+        assert texts(other) == texts(results[0])
+    assert results[1].meta["corpus"]["bytes"] == plain.stat().st_size, "counts the decompressed content"
+
+
+def test_dictd_database_gives_one_document_per_entry(tmp_path: Path) -> None:
+    entries = [" ".join([word(i)] * 30) for i in range(20)]
+    path = write_dictd(tmp_path, entries)
+    out = prepare_dataset(tmp_path / "out", corpus_files=[path], max_seq_length=16, vocab_size=300,
+                          validation_fraction=0.2, num_proc=1)
+    data = load_pretraining_data(out)
+    counts = data.meta["counts"]
+    assert counts["train"]["documents"] + counts["validation"]["documents"] == 20, \
+        "one document per entry; the header entry and the second headword of entry 0 add none"
+    header_ids = set(data.tokenizer("a test dictionary", add_special_tokens=False)["input_ids"])
+    all_ids = set(data.train[:]["input_ids"].unique().tolist()) | set(data.validation[:]["input_ids"].unique().tolist())
+    assert not (header_ids - {data.tokenizer.unk_token_id}) & all_ids, "the 00-database header is not text"
+    train_words = set(data.train[:]["input_ids"].unique().tolist()) - {2, 3}
+    validation_words = set(data.validation[:]["input_ids"].unique().tolist()) - {2, 3}
+    assert train_words and validation_words and not train_words & validation_words, "entries are never split"
+    (tmp_path / "test.index").unlink()
+    with pytest.raises(ConfigError, match="test.index' does not exist"):
+        prepare_dataset(tmp_path / "out2", corpus_files=[path], num_proc=1)
+
+
+def test_stray_bytes_are_refused_by_default_and_counted_when_replaced(tmp_path: Path) -> None:
+    path = write_dictd(tmp_path, [" ".join([word(i)] * 30) for i in range(12)], stray=b" caf\xe9 \x92ok ")
+    with pytest.raises(ConfigError, match=r"not valid UTF-8: byte 0xe9 .*decompressed.*encoding_errors"):
+        prepare_dataset(tmp_path / "strict", corpus_files=[path], num_proc=1)
+    kwargs = {"corpus_files": [path], "max_seq_length": 16, "vocab_size": 300, "num_proc": 1}
+    out = prepare_dataset(tmp_path / "out", encoding_errors="replace", **kwargs)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["corpus"]["replaced_bytes"] == 2 and meta["settings"]["encoding_errors"] == "replace"
+    assert list(meta["corpus"]["replaced_bytes_by_file"].values()) == [2]
+    from ds_pld.data.corpus import iter_dictd_documents
+
+    second = list(iter_dictd_documents(str(path), "replace"))[1]
+    assert second.count("\ufffd") == 2 and "caf\ufffd \ufffdok" in second, "one U+FFFD per replaced byte"
+    with pytest.raises(ConfigError, match="'encoding_errors' = 'ignore' must be one of"):
+        prepare_dataset(tmp_path / "bad", encoding_errors="ignore", **kwargs)
+
+
+def test_glob_patterns_expand_sorted_and_read_each_file_once(tmp_path: Path) -> None:
+    from ds_pld.data.corpus import expand_corpus_paths
+
+    for name in ("b/2.txt", "a/1.txt", "a/deep/3.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        write_word_corpus(tmp_path / name, documents=3)
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    found = expand_corpus_paths([str(tmp_path / "**" / "*.txt")])
+    assert [Path(p).relative_to(tmp_path).as_posix() for p in found] == ["a/1.txt", "a/deep/3.txt", "b/2.txt"]
+    with pytest.raises(ConfigError, match="matches no file"):
+        expand_corpus_paths([str(tmp_path / "*.jsonl")])

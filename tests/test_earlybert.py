@@ -527,3 +527,41 @@ def test_shipped_recipes_parse_and_fit_their_model(name, pld):
     assert parsed.earlybert is not None and parsed.pld.enabled is pld
     validate_for_model(parsed.earlybert, parsed.model)
     assert num_pruned(parsed.earlybert.head_prune_ratio, parsed.model.num_heads) == 4
+
+
+@pytest.mark.slow
+def test_adam_moments_carry_across_the_draw(single_rank_world):
+    """The slim engine continues with the full model's moments, sliced like the weights (the folded attn_out /
+    ffn_out columns divided by the coefficient, squared for the second moment) and Adam's step count kept."""
+    from ds_pld.earlybert.prune import prune_adam_moments
+    from ds_pld.optim.moments import read_moments, write_moments
+    from ds_pld.training.run import full_fp32_state_dict
+
+    config = engine_config()
+    engine, *_ = ds_pld.initialize(model=slim_model().train(), config=config)
+    bird = EarlyBird(EarlyBertConfig(check_every=1, window=2, lambda_head=1.0, lambda_ffn=1.0))
+    search_steps(engine, bird, 3)
+    moments, weights = read_moments(engine), full_fp32_state_dict(engine)
+    ticket = bird.ticket(engine.module)
+    slim = prune_model(engine.module, ticket, weights).float()
+    slim_engine, *_ = ds_pld.initialize(model=slim, config=config)
+    assert read_moments(slim_engine) is None, "a fresh optimizer has no moments yet"
+    assert write_moments(slim_engine, prune_adam_moments(moments, weights, ticket, slim.config), engine.global_steps)
+    carried = read_moments(slim_engine)
+    assert set(carried) == {name for name, _ in slim_engine.module.named_parameters()}
+    d, layer = slim.config.head_dim, "encoder.layers.0."
+    for slot, head in enumerate(ticket.heads[0]):
+        full, part = slice(head * d, (head + 1) * d), slice(slot * d, (slot + 1) * d)
+        torch.testing.assert_close(carried[layer + "qkv.weight"]["exp_avg"][part],
+                                   moments[layer + "qkv.weight"]["exp_avg"][full])
+        coef = weights[layer + "head_coef"][head]
+        for key, power in (("exp_avg", 1), ("exp_avg_sq", 2)):
+            torch.testing.assert_close(carried[layer + "attn_out.weight"][key][:, part],
+                                       moments[layer + "attn_out.weight"][key][:, full] / coef ** power)
+    neurons = list(ticket.neurons[0])
+    torch.testing.assert_close(carried[layer + "ffn_in.bias"]["exp_avg_sq"],
+                               moments[layer + "ffn_in.bias"]["exp_avg_sq"][neurons])
+    torch.testing.assert_close(carried["embeddings.word.weight"]["exp_avg"],
+                               moments["embeddings.word.weight"]["exp_avg"])
+    steps = {float(state["step"]) for state in slim_engine.optimizer.state.values()}
+    assert steps == {float(engine.global_steps)}, "Adam's bias correction continues at the drawn step"

@@ -58,19 +58,24 @@ def run_with_grads(op, inputs: list[torch.Tensor], grad_out: torch.Tensor, *args
     return out.detach(), [t.grad for t in inputs]
 
 
-def compare_to_reference(name: str, tensors: list[torch.Tensor], *args) -> None:
-    """Triton op on `tensors` (their dtype) vs TorchOps on fp32 copies: output and gradients wrt every tensor."""
+def compare_to_reference(name: str, tensors: list[torch.Tensor], *args,
+                         ref_dtype: torch.dtype = torch.float32) -> None:
+    """Triton op on `tensors` (their dtype) vs TorchOps on `ref_dtype` copies: output and gradients wrt every tensor.
+    float64 references suit degenerate shapes, where torch's own fp32 rounding noise (e.g. a LayerNorm over one
+    column, whose exact centred value is 0) would exceed the tolerance."""
     dtype = tensors[0].dtype
-    ref_inputs = leaves(*(t.float() for t in tensors))
+    ref_inputs = leaves(*(t.to(ref_dtype) for t in tensors))
     ref_out = getattr(TorchOps(), name)(*ref_inputs, *args)
-    grad_out = torch.randn_like(ref_out).to(dtype).float()
+    grad_out = torch.randn_like(ref_out).to(dtype).to(ref_dtype)
     ref_out.backward(grad_out)
-    out, grads = run_with_grads(getattr(triton_ops(), name), leaves(*tensors), grad_out, *args)
+    out, grads = run_with_grads(getattr(triton_ops(), name), leaves(*tensors), grad_out.float(), *args)
     assert out.dtype == dtype and out.shape == ref_out.shape
-    torch.testing.assert_close(out.float(), ref_out.detach(), **TOLERANCE[dtype])
+    torch.testing.assert_close(out.float(), ref_out.detach().float(), **TOLERANCE[dtype])
     for index, (grad, ref_input) in enumerate(zip(grads, ref_inputs)):
         assert grad is not None and grad.dtype == tensors[index].dtype, f"grad of input {index}"
-        torch.testing.assert_close(grad.float(), ref_input.grad, **TOLERANCE[dtype], msg=f"grad of input {index}")
+        assert grad.shape == tensors[index].shape, f"grad of input {index}"
+        torch.testing.assert_close(grad.float(), ref_input.grad.float(), **TOLERANCE[dtype],
+                                   msg=f"grad of input {index}")
 
 
 def randn(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -176,6 +181,53 @@ def test_kernels_accumulate_over_several_row_tiles_per_program() -> None:
     torch.testing.assert_close(grad_bias[0], 2 * grad_out.sum(0), **TOLERANCE[torch.float32])
 
 
+# Shapes the model can produce but the main cases above do not: a width of 0 (an FFN layer that EarlyBERT's global
+# pruning emptied), 0 rows, 1 column, widths that are not powers of two (3, 17) and one just past a 256-column block
+# of the bias kernels (257), with 1 or more rows.
+ODD_SHAPES = [(8, 0), (2, 3, 0), (0, 0), (0, 5), (1, 1), (4, 1), (3, 3), (5, 17), (2, 257)]
+ODD_OPS = {
+    "bias_gelu": lambda shape, dtype: ([randn(*shape, dtype=dtype) * 2, randn(shape[-1], dtype=dtype)], ()),
+    "layer_norm": lambda shape, dtype: ([randn(*shape, dtype=dtype) * 3 + 1, 1 + randn(shape[-1], dtype=dtype) / 2,
+                                         randn(shape[-1], dtype=dtype)], (1e-5,)),
+    "bias_dropout_residual": lambda shape, dtype: ([randn(*shape, dtype=dtype), randn(shape[-1], dtype=dtype),
+                                                    randn(*shape, dtype=dtype)], (0.0, 1.6, True)),
+}
+
+
+@kernel_case
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ODD_SHAPES, ids=str)
+@pytest.mark.parametrize("name", sorted(ODD_OPS))
+def test_odd_and_empty_shapes_match_reference(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Forward and backward of every op on the odd shapes: same output, input gradients and (empty or zero)
+    parameter gradients as the torch reference."""
+    torch.manual_seed(0)
+    tensors, args = ODD_OPS[name](shape, dtype)
+    compare_to_reference(name, tensors, *args, ref_dtype=torch.float64)
+
+
+@kernel_case
+@pytest.mark.parametrize("shape", ODD_SHAPES, ids=str)
+def test_dropout_on_odd_and_empty_shapes(shape: tuple[int, ...]) -> None:
+    """With dropout on, odd shapes keep the mask contract: the output shape is x's, the gradient is zero exactly
+    where the output fell back to the residual, and the bias gradient sums the input gradient over the rows."""
+    torch.manual_seed(5)
+    p, scale = 0.5, 1.25
+    x, bias, residual = leaves(randn(*shape), randn(shape[-1]), randn(*shape))
+    out = triton_ops().bias_dropout_residual(x, bias, residual, p, scale, True)
+    assert out.shape == x.shape
+    grad_out = randn(*shape)
+    out.backward(grad_out)
+    dropped = out.detach() == residual.detach()
+    assert torch.equal(x.grad == 0, dropped | (grad_out == 0))
+    kept = ~dropped
+    torch.testing.assert_close(out.detach()[kept], (residual + (x + bias) * (scale / (1 - p))).detach()[kept])
+    torch.testing.assert_close(x.grad[kept], grad_out[kept] * (scale / (1 - p)))
+    assert bias.grad.shape == bias.shape
+    torch.testing.assert_close(bias.grad, x.grad.flatten(0, -2).sum(0), rtol=1e-5, atol=1e-5)
+    assert torch.equal(residual.grad, grad_out)
+
+
 def dropout_case(p: float, scale: float, seed: int, shape: tuple[int, int] = (64, 320)):
     """One training-mode call with a fixed torch seed: (x, bias, residual, out, grad of x, bias, residual, dy)."""
     torch.manual_seed(1234)
@@ -279,6 +331,47 @@ def test_checkpointed_recomputation_reproduces_the_dropout_masks() -> None:
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def pruned_tiny_model(kernels: str):
+    """bert-tiny (dropout 0) pruned by a ticket that empties layer 0's FFN and leaves layer 1 a width of 171 (not a
+    power of two), with one head less in layer 1: what EarlyBERT's global FFN pruning can draw."""
+    from ds_pld.earlybert import Ticket, prune_model
+
+    torch.manual_seed(0)
+    full = tiny_model(kernels, hidden_dropout=0.0, attention_dropout=0.0, slimming=True).train()
+    ticket = Ticket(heads=[[0, 1], [1]], neurons=[[], list(range(0, 512, 3))])
+    return prune_model(full, ticket)
+
+
+@kernel_case
+def test_pruned_model_with_an_emptied_ffn_layer_trains_a_step_with_triton_kernels() -> None:
+    """A width-0 FFN layer goes through the Triton bias+GELU with a [tokens, 0] input: the loss, every gradient and
+    the weights after one SGD step equal those of the same pruned model on the torch ops (SGD, because Adam would
+    blow rounding-level gradient differences up to a full step)."""
+    triton_model, torch_model = pruned_tiny_model("triton"), pruned_tiny_model("torch")
+    assert torch_model.config.layer_intermediate == triton_model.config.layer_intermediate == (0, 171)
+    emptied = triton_model.encoder.layers[0]
+    assert emptied.ops.name == "triton" and emptied.ffn_in.out_features == 0
+    torch_model.load_state_dict(triton_model.state_dict())
+    before = {name: p.detach().clone() for name, p in triton_model.named_parameters()}
+    results = []
+    for model in (torch_model, triton_model):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        loss, grads = loss_and_grads(model, None)
+        optimizer.step()
+        results.append((loss, grads, dict(model.named_parameters())))
+    (ref_loss, ref_grads, ref_params), (loss, grads, params) = results
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    assert grads["encoder.layers.0.ffn_in.weight"].shape == (0, 128)
+    assert grads["encoder.layers.0.ffn_out.bias"].abs().sum() > 0, "the emptied FFN still adds its output bias"
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name, param in params.items():
+        torch.testing.assert_close(param, ref_params[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(params["encoder.layers.1.ffn_in.weight"], before["encoder.layers.1.ffn_in.weight"])
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")

@@ -26,7 +26,13 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from ds_pld.config_errors import ConfigError
-from ds_pld.data.corpus import DEFAULT_CORPUS, default_corpus_sha256, generate_documents, scan_corpus_files
+from ds_pld.data.corpus import (
+    DEFAULT_CORPUS,
+    check_encoding_errors,
+    default_corpus_sha256,
+    generate_documents,
+    scan_corpus_files,
+)
 from ds_pld.data.packing import check_seq_length, pack_token_stream, split_documents, token_dtype, write_arrow
 from ds_pld.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_wordpiece
 
@@ -37,8 +43,23 @@ META_FILE = "meta.json"
 WORK_DIR = ".work"
 SPLITS = ("train", "validation")
 _BATCH = 1000
+SHARD_SIZE = "128MB"
 
 logger = logging.getLogger(__name__)
+
+
+class StageTimer:
+    """Seconds per preparation stage, recorded in meta.json so the scaling benchmark can tell where time goes."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> dict[str, float]:
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self._last, 3)
+        self._last = now
+        return self.seconds
 
 
 def default_num_proc() -> int:
@@ -141,16 +162,19 @@ def prepare_dataset(output_dir: str | Path, corpus_files: Sequence[str | Path] |
                     tokenizer: str | Path | None = None, max_seq_length: int = 128,
                     validation_fraction: float = 0.05, vocab_size: int = 8192, num_proc: int | None = None,
                     text_field: str = "text", hub_dataset: str | None = None, seed: int = 0,
-                    max_position_embeddings: int | None = None) -> Path:
+                    max_position_embeddings: int | None = None, encoding_errors: str = "strict") -> Path:
     """Build (or reuse) `<output_dir>/{dataset,tokenizer,meta.json}`; returns `output_dir` as a Path.
 
     All inputs are checked before any tokenizing: bad settings, a missing tokenizer folder and every corpus file
-    (existence, UTF-8, JSON-lines text field, non-empty) raise ConfigError naming the key, file, line or byte."""
+    (existence, UTF-8, JSON-lines text field, non-empty) raise ConfigError naming the key, file, line or byte.
+    `corpus_files` may hold glob patterns and `.gz`/`.dz` files; `encoding_errors="replace"` accepts stray bytes
+    (counted in meta.json's `corpus.replaced_bytes`) instead of refusing the file."""
     out = Path(output_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"'output_dir' = '{out}' is a file")
     check_seq_length(max_seq_length, max_position_embeddings)
     num_proc = _check_settings(validation_fraction, num_proc, seed, text_field)
+    check_encoding_errors(encoding_errors)
     if tokenizer is None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 10):
         raise ConfigError(f"'vocab_size' = {vocab_size!r} must be an integer >= 10")
     if hub_dataset is not None and corpus_files is not None:
@@ -161,11 +185,13 @@ def prepare_dataset(output_dir: str | Path, corpus_files: Sequence[str | Path] |
     if hub_dataset is not None:
         hub_docs, corpus = _load_hub_documents(hub_dataset, text_field)
     elif corpus_files is not None:
-        scanned = scan_corpus_files(corpus_files, text_field)
+        scanned = scan_corpus_files(corpus_files, text_field, encoding_errors)
         paths, kinds = [f.path for f in scanned], [f.kind for f in scanned]
         corpus = {"files": [{"sha256": f.sha256, "kind": f.kind} for f in scanned]}
         if "jsonl" in kinds:
             corpus["text_field"] = text_field
+        if encoding_errors != "strict":
+            corpus["encoding_errors"] = encoding_errors
     else:
         corpus = {"default": DEFAULT_CORPUS, "sha256": default_corpus_sha256()}
     settings = {"max_seq_length": max_seq_length, "validation_fraction": validation_fraction, "seed": seed,
@@ -176,6 +202,7 @@ def prepare_dataset(output_dir: str | Path, corpus_files: Sequence[str | Path] |
         return out
 
     started = time.perf_counter()
+    stages = StageTimer()
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)
     work = out / WORK_DIR
@@ -185,23 +212,30 @@ def prepare_dataset(output_dir: str | Path, corpus_files: Sequence[str | Path] |
         if hub_docs is None:
             docs = datasets.Dataset.from_generator(
                 generate_documents, features=datasets.Features({"text": datasets.Value("string")}),
-                gen_kwargs={"paths": paths, "kinds": kinds, "text_field": text_field},
+                gen_kwargs={"paths": paths, "kinds": kinds, "text_field": text_field,
+                            "encoding_errors": encoding_errors},
                 cache_dir=str(work / "documents"), fingerprint=fingerprint)
         else:
             docs = hub_docs
+        stages.lap("documents")
         tok = given_tokenizer or train_wordpiece(_texts(docs), vocab_size, length=len(docs),
                                                  model_max_length=max(512, max_seq_length))
         procs = min(num_proc, max(1, len(docs) // _BATCH + 1))
+        stages.lap("tokenizer")
         tokenized = docs.map(
             _tokenize_batch, batched=True, batch_size=_BATCH, num_proc=procs if procs > 1 else None,
             remove_columns=docs.column_names, fn_kwargs={"tokenizer": tok, "sep_id": tok.sep_token_id},
             features=datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
                                         "length": datasets.Value("int64")}),
             cache_file_name=str(work / "tokenized.arrow"), desc="Tokenizing")
+        stages.lap("tokenize")
         splits, counts, dtype = _split_and_pack(tokenized, tok, max_seq_length, validation_fraction, seed, work)
+        stages.lap("split_and_pack")
         for final in (DATASET_DIR, TOKENIZER_DIR):
             shutil.rmtree(out / final, ignore_errors=True)
-        datasets.DatasetDict(splits).save_to_disk(str(out / DATASET_DIR))
+        # Shards of bounded size, written by num_proc processes: loading maps them, so memory does not grow with them.
+        datasets.DatasetDict(splits).save_to_disk(str(out / DATASET_DIR), max_shard_size=SHARD_SIZE,
+                                                  num_proc=procs if procs > 1 else None)
         tok.save_pretrained(str(out / TOKENIZER_DIR))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -211,12 +245,16 @@ def prepare_dataset(output_dir: str | Path, corpus_files: Sequence[str | Path] |
         "fingerprint": fingerprint,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.perf_counter() - started, 3),
+        "stage_seconds": stages.lap("save"),
         "settings": {"max_seq_length": max_seq_length, "validation_fraction": validation_fraction, "seed": seed,
                      "vocab_size": vocab_size, "text_field": text_field, "num_proc": num_proc,
+                     "encoding_errors": encoding_errors,
                      "tokenizer": str(tokenizer) if tokenizer is not None else None,
                      "corpus_files": paths or None, "hub_dataset": hub_dataset,
                      "default_corpus": DEFAULT_CORPUS if hub_dataset is None and corpus_files is None else None},
-        "corpus": corpus,
+        "corpus": {**corpus, **({} if not paths else {
+            "bytes": sum(f.num_bytes for f in scanned), "replaced_bytes": sum(f.replaced_bytes for f in scanned),
+            "replaced_bytes_by_file": {f.path: f.replaced_bytes for f in scanned if f.replaced_bytes}})},
         "vocab_size": len(tok),
         "dtype": dtype.name,
         "special_token_ids": {"pad": tok.pad_token_id, "unk": tok.unk_token_id, "cls": tok.cls_token_id,

@@ -32,6 +32,7 @@ class EarlyBertConfig:
     draw_at_step: int | None = None
     max_search_steps: int | None = None
     rewind: bool = False
+    carry_optimizer_state: bool = True
 
     @classmethod
     def from_dict(cls, block: Mapping[str, Any] | None) -> EarlyBertConfig | None:
@@ -52,6 +53,7 @@ class EarlyBertConfig:
             "window": number(block, "window", BLOCK, d.window, integer=True, low=2),
             "epsilon": number(block, "epsilon", BLOCK, d.epsilon, low=0.0, low_open=True),
             "rewind": boolean(block, "rewind", BLOCK, d.rewind),
+            "carry_optimizer_state": boolean(block, "carry_optimizer_state", BLOCK, d.carry_optimizer_state),
         }
         for key in ("head_mode", "ffn_mode"):
             mode = block.get(key, getattr(d, key))

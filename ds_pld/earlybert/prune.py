@@ -69,6 +69,47 @@ def _strip_module_prefix(state: Mapping[str, torch.Tensor]) -> Mapping[str, torc
     return state
 
 
+def prune_state_dict(source: Mapping[str, torch.Tensor], ticket: Ticket, num_layers: int, head_dim: int
+                     ) -> dict[str, torch.Tensor]:
+    """The slim model's state from a full (slimming) one: layers sliced to the ticket with coefficients folded in,
+    every other entry copied."""
+    if ticket.num_layers != num_layers:
+        raise ValueError(f"ticket has {ticket.num_layers} layers, the model {num_layers}")
+    source = _strip_module_prefix(source)
+    new_state = {key: value.detach().clone() for key, value in source.items() if not key.startswith(LAYER_PREFIX)}
+    for i in range(num_layers):
+        prefix = f"{LAYER_PREFIX}{i}."
+        layer_state = {key: source[prefix + key] for key in (*LAYER_KEYS, *COEF_KEYS) if prefix + key in source}
+        pruned = prune_layer_state(layer_state, ticket.heads[i], ticket.neurons[i], head_dim)
+        new_state.update({prefix + key: value for key, value in pruned.items()})
+    return new_state
+
+
+def prune_moments(moments: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], ticket: Ticket,
+                  num_layers: int, head_dim: int, power: int) -> dict[str, torch.Tensor]:
+    """Adam's moments of the full model sliced like its weights, for the slim model.
+
+    Folding multiplies a kept unit's attn_out / ffn_out columns by its coefficient c, which divides their
+    gradients by c; the first moment (power 1) is folded with 1/c, the second (power 2) with 1/c^2, so the carried
+    moments are those the slim model's own gradients would have built."""
+    weights = _strip_module_prefix(weights)
+    source = dict(_strip_module_prefix(moments))
+    for key, coef in weights.items():
+        if key.startswith(LAYER_PREFIX) and key.rsplit(".", 1)[-1] in COEF_KEYS:
+            safe = torch.where(coef.abs() < 1e-6, torch.full_like(coef, 1e-6), coef)
+            source[key] = safe.float().reciprocal() ** power
+    return prune_state_dict(source, ticket, num_layers, head_dim)
+
+
+def prune_adam_moments(moments: Mapping[str, Mapping[str, torch.Tensor]], weights: Mapping[str, torch.Tensor],
+                       ticket: Ticket, config) -> dict[str, dict[str, torch.Tensor]]:
+    """`{name: {"exp_avg", "exp_avg_sq"}}` of the full model -> the same for the slim model (`prune_moments`)."""
+    sliced = {key: prune_moments({name: state[key] for name, state in moments.items()}, weights, ticket,
+                                 config.num_layers, config.head_dim, power)
+              for key, power in (("exp_avg", 1), ("exp_avg_sq", 2))}
+    return {name: {key: sliced[key][name] for key in sliced} for name in sliced["exp_avg"]}
+
+
 def prune_model(model: BertForPreTraining, ticket: Ticket, state_dict: Mapping[str, torch.Tensor] | None = None
                 ) -> BertForPreTraining:
     """A physically smaller model (`layer_heads` / `layer_intermediate` from the ticket, slimming=False).
@@ -79,20 +120,10 @@ def prune_model(model: BertForPreTraining, ticket: Ticket, state_dict: Mapping[s
     coefficients, which are 1.0 at search start, so the fold changes nothing. The new model is on the source
     model's device, in its parameter dtype, and in its train/eval mode."""
     config = model.config
-    if ticket.num_layers != config.num_layers:
-        raise ValueError(f"ticket has {ticket.num_layers} layers, the model {config.num_layers}")
-    source = _strip_module_prefix(state_dict if state_dict is not None else model.state_dict())
+    source = state_dict if state_dict is not None else model.state_dict()
+    new_state = prune_state_dict(source, ticket, config.num_layers, config.head_dim)
     new_config = config.with_updates(layer_heads=ticket.layer_heads, layer_intermediate=ticket.layer_intermediate,
                                      slimming=False)
-    new_state: dict[str, torch.Tensor] = {}
-    for key, value in source.items():
-        if not key.startswith(LAYER_PREFIX):
-            new_state[key] = value.detach().clone()
-    for i in range(config.num_layers):
-        prefix = f"{LAYER_PREFIX}{i}."
-        layer_state = {key: source[prefix + key] for key in (*LAYER_KEYS, *COEF_KEYS) if prefix + key in source}
-        pruned = prune_layer_state(layer_state, ticket.heads[i], ticket.neurons[i], config.head_dim)
-        new_state.update({prefix + key: value for key, value in pruned.items()})
     param = next(model.parameters())
     with torch.device("meta"):
         slim = BertForPreTraining(new_config)

@@ -14,6 +14,7 @@ import triton.language as tl
 from ds_pld.kernels.triton_launch import (
     TILE_ELEMENTS,
     as_rows,
+    block_cols,
     check_size,
     device_of,
     require_launchable,
@@ -106,7 +107,7 @@ def _bias_dropout_residual_backward_kernel(grad_out_ptr, grad_x_ptr, grad_bias_p
 
 def _tiles(n_cols: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N): a column block of up to 256 and as many rows as fit in TILE_ELEMENTS."""
-    block_n = min(triton.next_power_of_2(n_cols), MAX_BLOCK_N)
+    block_n = block_cols(n_cols, MAX_BLOCK_N)
     return max(1, TILE_ELEMENTS // block_n), block_n
 
 

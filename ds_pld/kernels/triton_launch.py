@@ -6,6 +6,7 @@ partial row per program; torch sums those few partial rows afterwards (a determi
 """
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -50,8 +51,16 @@ def check_size(x: torch.Tensor) -> None:
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
-    """A contiguous [rows, last dim] view (copies only when `x` is not contiguous)."""
-    return x.contiguous().view(-1, x.shape[-1])
+    """A contiguous [rows, last dim] view (copies only when `x` is not contiguous). The row count is spelled out
+    rather than -1 because torch cannot infer it for a last dim of 0 (an FFN layer EarlyBERT pruned to no neurons)."""
+    return x.contiguous().view(math.prod(x.shape[:-1]), x.shape[-1])
+
+
+def block_cols(n_cols: int, cap: int | None = None) -> int:
+    """Power-of-two column block covering `n_cols` (at most `cap`); at least 1, so a width-0 tensor still gets a
+    valid geometry (its launch is skipped, but the gradient partial-sum buffers are still sized from it)."""
+    block = triton.next_power_of_2(max(1, n_cols))
+    return block if cap is None else min(block, cap)
 
 
 def split_rows(n_rows: int, block_m: int) -> tuple[int, int]:

@@ -12,6 +12,7 @@ import triton.language as tl
 from ds_pld.kernels.triton_launch import (
     TILE_ELEMENTS,
     as_rows,
+    block_cols,
     check_size,
     device_of,
     num_warps_for,
@@ -78,7 +79,7 @@ def _layer_norm_backward_kernel(grad_out_ptr, x_ptr, weight_ptr, mean_ptr, rstd_
 
 def _geometry(n_rows: int, n_cols: int) -> tuple[int, int, int, int, int]:
     """(row programs, tiles per program, BLOCK_M, BLOCK_N, num_warps): whole rows, several per tile when narrow."""
-    block_n = triton.next_power_of_2(n_cols)
+    block_n = block_cols(n_cols)
     block_m = max(1, TILE_ELEMENTS // block_n)
     row_programs, tiles_per_program = split_rows(n_rows, block_m)
     return row_programs, tiles_per_program, block_m, block_n, num_warps_for(block_m * block_n)
