@@ -76,15 +76,17 @@ def scaling(args: argparse.Namespace) -> list[dict]:
                 for _ in range(scale):
                     handle.write(base + b"\n\n")
             out = Path(folder) / f"out_{scale}x"
+            log = Path(folder) / f"prepare_{scale}x.log"  # a file, not a pipe: progress bars would fill a pipe
             started = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, "-c", PREPARE_CHILD, str(out), str(corpus),
-                                     str(args.max_seq_length), str(num_proc)],
-                                    env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            _, status, usage = os.wait4(proc.pid, 0)
+            with log.open("wb") as sink:
+                proc = subprocess.Popen([sys.executable, "-c", PREPARE_CHILD, str(out), str(corpus),
+                                         str(args.max_seq_length), str(num_proc)],
+                                        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                                        stdout=sink, stderr=subprocess.STDOUT)
+                _, status, usage = os.wait4(proc.pid, 0)
             seconds = time.perf_counter() - started
             if status:
-                raise RuntimeError(f"preparing {scale}x failed: {proc.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"preparing {scale}x failed: {log.read_text(errors='replace')[-2000:]}")
             meta = json.loads((out / "meta.json").read_text())
             tokens = sum(c["corpus_tokens"] for c in meta["counts"].values())
             rows.append({"scale": scale, "corpus_mb": round(corpus.stat().st_size / 2**20, 1), "tokens": tokens,

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import json
-from collections.abc import Mapping
+from collections.abc import KeysView, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,54 @@ from ds_pld.pld import PLDConfig
 from ds_pld.training.config import DataConfig, LRScheduleConfig, TrainingConfig, WandbConfig
 
 EXTENSION_BLOCKS = ("progressive_layer_drop", "earlybert", "model", "data", "lr_schedule", "training", "wandb")
+# Our blocks read by other entry points (launch/finetune.py removes `glue` before the rest comes here).
+OTHER_BLOCKS = ("glue",)
+# Read by deepspeed.initialize itself (the sequence-parallel mesh), not by DeepSpeedConfig.
+DEEPSPEED_INITIALIZE_KEYS = ("sequence_parallel_size", "data_parallel_size")
+
+
+class _RecordingDict(dict):
+    """A dict that notes every key looked up in it (`get`, `[]`, `in`, `in .keys()`), shared with its copies."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.looked_up: set[str] = set()
+
+    def get(self, key: Any, *default: Any) -> Any:
+        self.looked_up.add(key)
+        return super().get(key, *default)
+
+    def __getitem__(self, key: Any) -> Any:
+        self.looked_up.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.looked_up.add(key)
+        return super().__contains__(key)
+
+    def keys(self) -> KeysView:  # type: ignore[override]
+        return KeysView(self)
+
+
+def deepspeed_top_level_keys() -> frozenset[str]:
+    """The top-level keys this DeepSpeed reads, asked of DeepSpeed itself: its own config class parses a minimal
+    config through a dict that records every key looked up. A hand-written list would go stale with each release."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    probe = _RecordingDict({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1})
+    DeepSpeedConfig(probe)
+    return frozenset(key for key in probe.looked_up if isinstance(key, str)) | frozenset(DEEPSPEED_INITIALIZE_KEYS)
+
+
+def check_top_level_keys(raw: Mapping[str, Any]) -> None:
+    """A misspelt DeepSpeed key (`gradient_clippin`) would otherwise be ignored by DeepSpeed without a word."""
+    unknown = sorted(set(raw) - set(EXTENSION_BLOCKS) - set(OTHER_BLOCKS) - deepspeed_top_level_keys())
+    if unknown:
+        known = sorted(deepspeed_top_level_keys() | set(EXTENSION_BLOCKS))
+        hints = {key: difflib.get_close_matches(key, known, n=1) for key in unknown}
+        hint = "; ".join(f"{key!r}: did you mean {match[0]!r}?" for key, match in hints.items() if match)
+        raise ConfigError(f"unknown top-level key(s) {unknown}: neither a ds_pld block {list(EXTENSION_BLOCKS)} "
+                          f"nor a key DeepSpeed reads{' (' + hint + ')' if hint else ''}")
 
 
 @dataclass(frozen=True)
@@ -51,6 +100,10 @@ def parse_config(source: str | Path | Mapping[str, Any] | DsPldConfig) -> DsPldC
         return source
     where = "<dict>" if isinstance(source, Mapping) else str(source)
     raw = copy.deepcopy(dict(source)) if isinstance(source, Mapping) else read_json(source)
+    try:
+        check_top_level_keys(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
     blocks = {name: raw.pop(name, None) for name in EXTENSION_BLOCKS}
     try:
         return DsPldConfig(

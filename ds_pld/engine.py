@@ -11,6 +11,7 @@ import copy
 import inspect
 import json
 import os
+import shutil
 import signal
 from collections.abc import Mapping
 from pathlib import Path
@@ -64,19 +65,129 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def checkpoint_files(tag_dir: Path) -> dict[str, int]:
+    """Every file of a checkpoint folder but our metadata, with its size: what a resume checks is all there."""
+    return {str(path.relative_to(tag_dir)): path.stat().st_size for path in sorted(tag_dir.rglob("*"))
+            if path.is_file() and path.name != META_FILE and not path.name.startswith(f".{META_FILE}.tmp")}
+
+
+def checkpoint_problem(tag_dir: Path) -> str | None:
+    """Why the checkpoint in `tag_dir` cannot be resumed (unfinished, unreadable metadata, a file missing or of
+    another size than was written), or None if it is intact. Checkpoints written before sizes were recorded are
+    checked for their metadata only."""
+    meta_file = tag_dir / META_FILE
+    if not meta_file.is_file():
+        return f"checkpoint {str(tag_dir)!r} is incomplete (no {META_FILE}): it was not finished"
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"checkpoint {str(tag_dir)!r} has an unreadable {META_FILE} ({err})"
+    for name, size in (meta.get("files") or {}).items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"checkpoint file {str(path)!r} is missing"
+        if path.stat().st_size != size:
+            return f"checkpoint file {str(path)!r} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def _meta(tag_dir: Path) -> dict[str, Any]:
+    return json.loads((tag_dir / META_FILE).read_text(encoding="utf-8"))
+
+
+def _latest_tag(load_dir: Path) -> tuple[str | None, str | None]:
+    """(tag that `latest` names, problem with `latest` itself); each way `latest` can be bad has its own message."""
+    latest = load_dir / LATEST_FILE
+    try:
+        tag = latest.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None, f"{str(latest)!r} holds garbage (not UTF-8 text), not a checkpoint name"
+    except OSError as err:
+        return None, f"{str(latest)!r} cannot be read ({err})"
+    if not tag or len(tag) > 255 or "/" in tag or tag in (".", "..") or not tag.isprintable():
+        return None, f"{str(latest)!r} holds garbage ({tag[:40]!r}), not a checkpoint name"
+    if not (load_dir / tag).is_dir():
+        return tag, f"{str(latest)!r} names checkpoint {tag!r}, but the folder {str(load_dir / tag)!r} is missing"
+    return tag, None
+
+
+def resolve_checkpoint(load_dir: str | Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(metadata of the checkpoint to resume, warning). The one `latest` names if it is intact; otherwise the newest
+    intact one, with a warning that names what was wrong (the bad file, or `latest` itself). (None, None) when
+    nothing was ever checkpointed here; a ConfigError when checkpoints exist but none is intact."""
+    load_dir = Path(load_dir)
+    latest = load_dir / LATEST_FILE
+    tag, problem = _latest_tag(load_dir) if latest.exists() else (None, None)
+    if tag is not None and problem is None:
+        problem = checkpoint_problem(load_dir / tag)
+        if problem is None:
+            return _meta(load_dir / tag), None
+    others = [path for path in load_dir.iterdir() if path.is_dir() and path.name != tag
+              and (path / META_FILE).is_file()] if load_dir.is_dir() else []
+    intact = [path for path in others if checkpoint_problem(path) is None]
+    if not latest.exists():
+        if not intact:
+            return None, None
+        problem = f"{str(latest)!r} is missing"
+    if not intact:
+        raise ConfigError(f"{problem}, and {str(load_dir)!r} holds no other intact checkpoint to resume from; "
+                          "start a new run (without --resume, or another --output_dir)")
+    best = max(intact, key=lambda path: int(_meta(path).get("global_steps", -1)))  # intact: readable metadata
+    return _meta(best), f"{problem}; resuming from the newest intact checkpoint {str(best)!r} instead"
+
+
 def read_checkpoint_meta(load_dir: str | Path, tag: str | None = None) -> dict[str, Any] | None:
-    """The metadata of the checkpoint `tag` (default: the one `latest` names), or None if there is none yet."""
+    """The metadata of the checkpoint `tag` (default: the one `latest` names), or None if there is none yet; a
+    ConfigError naming the problem if that checkpoint is not intact (see `resolve_checkpoint` for falling back)."""
     load_dir = Path(load_dir)
     if tag is None:
-        latest = load_dir / LATEST_FILE
-        if not latest.is_file():
+        if not (load_dir / LATEST_FILE).exists():
             return None
-        tag = latest.read_text().strip()
-    meta = load_dir / tag / META_FILE
-    if not meta.is_file():
-        raise ConfigError(f"checkpoint {str(load_dir / tag)!r} is incomplete (no {META_FILE}); it was not finished "
-                          f"and cannot be resumed")
-    return json.loads(meta.read_text())
+        tag, problem = _latest_tag(load_dir)
+        if problem is not None:
+            raise ConfigError(problem)
+    problem = checkpoint_problem(load_dir / tag)
+    if problem is not None:
+        raise ConfigError(f"{problem} and cannot be resumed")
+    return _meta(load_dir / tag)
+
+
+def prune_checkpoints(load_dir: str | Path, keep: int) -> list[Path]:
+    """Remove complete checkpoints older than the newest `keep` complete ones (0: keep all). Called after a newer
+    checkpoint is complete and `latest` names it, so what `latest` names and the fallbacks before it survive."""
+    load_dir = Path(load_dir)
+    if keep < 1:
+        return []
+    steps = {}
+    for path in load_dir.iterdir():
+        if path.is_dir() and (path / META_FILE).is_file():
+            try:
+                steps[path] = int(_meta(path)["global_steps"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # unreadable metadata: not ours to judge here, left alone
+    complete = sorted(steps, key=steps.__getitem__, reverse=True)
+    latest_tag, _ = _latest_tag(load_dir) if (load_dir / LATEST_FILE).exists() else (None, None)
+    removed = [path for path in complete[keep:] if path.name != latest_tag]
+    for path in removed:
+        (path / META_FILE).unlink()  # first: a half-removed folder is an unfinished one, never resumed
+        shutil.rmtree(path)
+    return removed
+
+
+ZERO3_GRAD_BUFFER = "grad_partitions_flat_buffer"
+
+
+def zero3_grad_buffer(optimizer: Any) -> torch.Tensor:
+    """DeepSpeed's private flat buffer of this rank's ZeRO-3 gradient partitions, which PLD must clear after every
+    optimizer step (see `DsPldEngine._clear_zero3_grad_partitions`). A DeepSpeed without it would silently let
+    dropped layers train on stale gradients, so its absence is an error, not a no-op."""
+    buffer = getattr(optimizer, ZERO3_GRAD_BUFFER, None)
+    if not isinstance(buffer, torch.Tensor):
+        raise ConfigError(f"progressive_layer_drop under ZeRO-3 clears dropped layers' gradient partitions through "
+                          f"DeepSpeed's private {type(optimizer).__name__}.{ZERO3_GRAD_BUFFER}, which DeepSpeed "
+                          f"{deepspeed.__version__} does not have (ds_pld was written against 0.19.8); use ZeRO "
+                          f"stage 0-2 or a DeepSpeed version that has it")
+    return buffer
 
 
 class DsPldEngine(DeepSpeedEngine):
@@ -130,13 +241,20 @@ class DsPldEngine(DeepSpeedEngine):
                 self.progressive_layer_drop.update_state(self.global_steps)
                 self._clear_zero3_grad_partitions()
 
+    def clip_fp32_gradients(self) -> None:
+        """DeepSpeed computes the gradient norm here (ZeRO-0, fp32, clipping on) and drops it; keep it (a device
+        tensor, no sync) so `get_global_grad_norm` answers as under ZeRO and the divergence check can use it."""
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        self._global_grad_norm = clip_grad_norm_(parameters=self.module.parameters(),
+                                                 max_norm=self.gradient_clipping(), mpu=self.mpu)
+
     def _clear_zero3_grad_partitions(self) -> None:
         """ZeRO-3 overwrites a parameter's gradient partition at micro-step 0 only if the parameter gets a gradient;
         a layer that PLD dropped would carry the previous step's gradient into the next update. One memset of the
         partitioned gradient buffer per optimizer step gives dropped layers a zero gradient, as stages 0-2 do."""
-        buffer = getattr(self.optimizer, "grad_partitions_flat_buffer", None)
-        if self.zero_optimization_stage() == 3 and buffer is not None:
-            buffer.zero_()
+        if self.zero_optimization_stage() == 3:
+            zero3_grad_buffer(self.optimizer).zero_()
 
     def save_checkpoint(self, save_dir: str, tag: str | None = None, client_state: dict | None = None,
                         save_latest: bool = True, exclude_frozen_parameters: bool = False) -> bool:
@@ -148,13 +266,16 @@ class DsPldEngine(DeepSpeedEngine):
             "pld": None if self.progressive_layer_drop is None else self.progressive_layer_drop.state_dict(),
             "extra": {name: obj.state_dict() for name, obj in self.extra_state.items()},
         }
+        if self.global_rank == 0:  # a folder saved into again is unfinished until its new metadata is written
+            (Path(save_dir) / tag / META_FILE).unlink(missing_ok=True)
         super().save_checkpoint(save_dir, tag=tag, client_state=state, save_latest=False,
                                 exclude_frozen_parameters=exclude_frozen_parameters)
         if os.environ.get(KILL_ENV) == tag and self.global_rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)  # crash test: files written, checkpoint not yet marked complete
-        if self.global_rank == 0:
+        if self.global_rank == 0:  # DeepSpeed's save ends in a barrier: every rank's files are on disk now
             meta = {"tag": tag, "global_steps": self.global_steps, "global_samples": self.global_samples,
-                    "world_size": self.world_size, "pld_theta": self.get_pld_theta(), **self.checkpoint_meta}
+                    "world_size": self.world_size, "pld_theta": self.get_pld_theta(), **self.checkpoint_meta,
+                    "files": checkpoint_files(Path(save_dir) / tag)}
             model_config = getattr(self.module, "config", None)
             if hasattr(model_config, "to_dict"):
                 meta["model_config"] = model_config.to_dict()
@@ -165,9 +286,16 @@ class DsPldEngine(DeepSpeedEngine):
         return True
 
     def load_checkpoint(self, load_dir: str, tag: str | None = None, **kwargs: Any) -> tuple[str | None, dict]:
-        if tag is None and read_checkpoint_meta(load_dir) is None:
-            return None, {}
-        if tag is not None:
+        """Load `tag`, or the checkpoint `latest` names; if that one is not intact, the newest intact one, with a
+        warning naming the bad file (files are checked against the sizes recorded at save time)."""
+        if tag is None:
+            meta, warning = resolve_checkpoint(load_dir)
+            if meta is None:
+                return None, {}
+            if warning is not None and self.global_rank == 0:
+                print(f"[ds_pld] WARNING: {warning}", flush=True)
+            tag = meta["tag"]
+        else:
             read_checkpoint_meta(load_dir, tag)
         path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
         client_state = dict(client_state or {})
@@ -225,10 +353,17 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
         lr_scheduler=lr_scheduler, distributed_port=distributed_port, mpu=mpu, dist_init_required=dist_init_required,
         collate_fn=collate_fn, config=ds_config, mesh_param=mesh_param)
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    if checkpoint_engine is not None and checkpoint_engine.is_decoupled():
+        raise ConfigError(f"{type(checkpoint_engine).__name__} is a decoupled (asynchronous) checkpoint engine: "
+                          "its files may still be in flight when ds_pld marks a checkpoint complete and moves "
+                          "`latest`; use DeepSpeed's default checkpoint engine ('checkpoint' block)")
     if type(engine) is not DeepSpeedEngine:
         raise ConfigError(f"ds_pld supports the plain DeepSpeedEngine, not {type(engine).__name__} "
                           "(pipeline / hybrid engines)")
     engine.__class__ = DsPldEngine
+    if parsed.pld.enabled and engine.zero_optimization_stage() == 3:
+        zero3_grad_buffer(engine.optimizer)  # fail now, not by silently training dropped layers on stale gradients
     engine._setup_ds_pld(parsed, passes_seed)
     if uses_lamb:
         from ds_pld.optim import bind_lamb_to_engine

@@ -44,6 +44,11 @@ def check(model_path: str, output_dir: Path) -> float:
     return max_output_difference(ours, hf, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
 
 
+def within_tolerance(difference: float, tolerance: float) -> bool:
+    """Written so that NaN fails: `nan > tolerance` is false, so the old check passed a NaN model."""
+    return difference <= tolerance
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ds_pld.export.hf import export_hf
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     difference = check(args.model, out)
     print(f"max |ours - transformers| on a padded sample batch: {difference:.2e}")
-    if difference > args.tolerance:
+    if not within_tolerance(difference, args.tolerance):
         print(f"error: the export differs by more than {args.tolerance}", file=sys.stderr)
         return 1
     return 0

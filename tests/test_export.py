@@ -124,3 +124,19 @@ def test_bad_export_input(tmp_path):
     with pytest.raises(ConfigError, match=f"tokenizer has {len(VOCAB)} tokens but the model's vocabulary only"):
         export_hf(small, tmp_path / "hf", tokenizer=make_tokenizer())
     assert not (tmp_path / "hf").exists()
+
+
+def test_export_refuses_non_finite_weights(tmp_path, capsys):
+    """A diverged run's NaN weights are refused by the library and the CLI, and the CLI's equivalence check cannot
+    pass on NaN (it used to compare `nan > tolerance`, which is never true)."""
+    model = make_model()
+    with torch.no_grad():
+        model.encoder.layers[0].ffn_in.weight[0, 0] = float("nan")
+    folder = save_pretrained(model, tmp_path / "final", make_tokenizer())
+    with pytest.raises(ConfigError, match=r"non-finite \(NaN/inf\) weights in \['encoder.layers.0.ffn_in.weight'\]"):
+        export_hf(folder, tmp_path / "hf")
+    cli = load_script(ROOT / "launch" / "export_hf.py")
+    assert cli.main(["--model", str(folder), "--output_dir", str(tmp_path / "hf")]) == 2
+    assert "non-finite" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+    assert not cli.within_tolerance(float("nan"), 1e-4) and cli.within_tolerance(0.0, 1e-4)

@@ -269,13 +269,15 @@ def _bad_input(tmp_path: Path, toy_model: Path, case: str) -> tuple[dict, str]:
         return {**args, "model": model}, "vocabulary has 81 entries but the tokenizer has 31"
     if case == "sequence length":
         return {**args, "deepspeed_config": glue_config(max_seq_length=128)}, "max_seq_length' = 128.*64 position"
+    if case == "missing model":
+        return {**args, "model": tmp_path / "no_such_model"}, r"model folder '.*no_such_model' does not exist"
     if case == "no tokenizer":
         return {**args, "model": toy_model / "ds_pld_model.json"}, "no tokenizer folder"
     raise AssertionError(case)
 
 
 @pytest.mark.parametrize("case", ["unknown task", "missing file", "missing column", "unknown label", "missing folder",
-                                  "vocabulary", "sequence length"])
+                                  "vocabulary", "sequence length", "missing model"])
 def test_bad_input_fails_before_training(tmp_path, toy_model, case):
     """Each error comes from the checks before training: nothing is written."""
     args, message = _bad_input(tmp_path, toy_model, case)
@@ -289,6 +291,17 @@ def test_cli_reports_bad_input(tmp_path, toy_model, capsys, single_rank_world):
     code = cli.main(["--model", str(toy_model), "--tasks", "rte,foo", "--glue_dir", str(tmp_path),
                      "--output_dir", str(tmp_path / "out")])
     assert code == 2 and "unknown GLUE task 'foo'" in capsys.readouterr().err
+
+
+def test_cli_names_a_missing_model_folder(tmp_path, capsys, single_rank_world):
+    """`--model <missing>` is reported as the missing model in one line, not as a missing tokenizer."""
+    cli = load_script(ROOT / "launch" / "finetune.py")
+    missing = tmp_path / "runs" / "bert" / "final"
+    code = cli.main(["--model", str(missing), "--tasks", "rte", "--glue_dir", str(tmp_path),
+                     "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"error: pretrained model folder '{missing}' does not exist (--model)"
+    assert not (tmp_path / "out").exists()
 
 
 # --- model ----------------------------------------------------------------------------------------------------------
@@ -404,13 +417,15 @@ def test_pruned_classifier_computes_what_the_masked_one_does(single_rank_world):
 
 
 @pytest.mark.slow
-def test_two_ranks_through_the_launcher(tmp_path, toy_model):
+@pytest.mark.parametrize("stage", [0, 3])
+def test_two_ranks_through_the_launcher(tmp_path, toy_model, stage):
     """Two data-parallel ranks: dev predictions are gathered from both (an odd dev size checks that the padded
-    shares are not counted twice) and rank 0 writes the summary."""
+    shares are not counted twice) and rank 0 writes the summary. Under ZeRO-3 the classifier's output must be a
+    dict-like ModelOutput, which ZeRO-3 walks to hook the backward."""
     glue_dir = tmp_path / "glue"
     write_rte(glue_dir, train=64, dev=33)
     config = tmp_path / "glue.json"
-    config.write_text(json.dumps(glue_config(batch_size=16, seeds=[1])))
+    config.write_text(json.dumps({**glue_config(batch_size=16, seeds=[1]), "zero_optimization": {"stage": stage}}))
     run_deepspeed([str(ROOT / "launch" / "finetune.py"), "--model", str(toy_model), "--tasks", "rte",
                    "--glue_dir", str(glue_dir), "--output_dir", str(tmp_path / "out"), "--deepspeed_config",
                    str(config), "--seeds", "3", "--max_steps", "6"])

@@ -225,6 +225,44 @@ def test_incomplete_checkpoint_is_not_resumed(single_rank_world, tmp_path):
         engine.load_checkpoint(str(tmp_path))
 
 
+def test_zero3_with_pld_needs_deepspeeds_private_gradient_buffer(single_rank_world, monkeypatch):
+    """The ZeRO-3 clearing of dropped layers' gradients goes through DeepSpeed's private
+    `grad_partitions_flat_buffer`. A DeepSpeed without it must be refused at initialize (naming the field and the
+    version) and at the step, not left to train dropped layers on stale gradients."""
+    import deepspeed
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    from ds_pld.engine import zero3_grad_buffer
+
+    zero3 = engine_config(zero_optimization={"stage": 3})
+    engine, *_ = ds_pld.initialize(model=tiny_model(), config=zero3)
+    assert isinstance(zero3_grad_buffer(engine.optimizer), torch.Tensor)
+    ids, labels = batch()
+    engine.backward(engine(ids, labels=labels).loss)
+    engine.step()  # clears through the real field
+    del engine.optimizer.grad_partitions_flat_buffer  # the field vanishes: the next step must not skip the clear
+    engine.backward(engine(ids, labels=labels).loss)
+    with pytest.raises(ConfigError, match="grad_partitions_flat_buffer"):
+        engine.step()
+    engine.destroy()
+
+    # A DeepSpeed whose ZeRO-3 optimizer never creates the field: initialize refuses PLD with it.
+    real_setup = DeepSpeedZeroOptimizer_Stage3._setup_for_real_optimizer
+
+    def setup_without_buffer(self) -> None:
+        real_setup(self)
+        del self.grad_partitions_flat_buffer
+
+    monkeypatch.setattr(DeepSpeedZeroOptimizer_Stage3, "_setup_for_real_optimizer", setup_without_buffer)
+    message = rf"DeepSpeedZeroOptimizer_Stage3\.grad_partitions_flat_buffer.*DeepSpeed {deepspeed.__version__}"
+    with pytest.raises(ConfigError, match=message):
+        ds_pld.initialize(model=tiny_model(), config=zero3)
+    # Without PLD there is nothing to clear: the same DeepSpeed is fine.
+    plain = {**zero3, "progressive_layer_drop": {"enabled": False}}
+    engine, *_ = ds_pld.initialize(model=tiny_model(), config=plain)
+    engine.destroy()
+
+
 # --- distributed ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -232,9 +270,11 @@ def test_two_ranks_all_zero_stages_train_with_pld(tmp_path):
     out = tmp_path / "result.json"
     run_deepspeed([str(SCRIPTS / "pld_zero_stages.py"), str(out)])
     results = json.loads(out.read_text())
+    control = results.pop()
     assert [(r["stage"], r["checkpointing"]) for r in results] == [(0, False), (1, False), (2, False), (3, False),
                                                                      (2, True)]
-    for result in results:
+    assert (control["stage"], control["cleared"]) == (3, False)
+    for result in results + [control]:
         rank0, rank1 = result["ran"]
         assert rank0 == rank1, f"ranks dropped different layers under ZeRO-{result['stage']}"
         assert any(sum(ran) < 4 for ran in rank0), "PLD never dropped a layer"
@@ -245,3 +285,6 @@ def test_two_ranks_all_zero_stages_train_with_pld(tmp_path):
     # Same data, same drops: every stage learns the same thing (ZeRO is an implementation detail).
     for result in results[1:]:
         assert result["losses"] == pytest.approx(results[0]["losses"], rel=1e-3)
+        assert result["max_weight_diff_vs_stage0"] < 5e-5, f"ZeRO-{result['stage']} weights differ from ZeRO-0's"
+    # Negative control: without ds_pld's clearing, ZeRO-3 applies stale gradients to dropped layers.
+    assert control["max_weight_diff_vs_stage0"] > 5e-4, "the ZeRO-3 clearing made no difference"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import time
@@ -44,6 +45,7 @@ WORK_DIR = ".work"
 SPLITS = ("train", "validation")
 _BATCH = 1000
 SHARD_SIZE = "128MB"
+MIN_PACK_ROWS = 256  # a packing process below this many rows costs more to fork than it saves
 
 logger = logging.getLogger(__name__)
 
@@ -138,23 +140,60 @@ def _token_chunks(split: datasets.Dataset) -> Iterator[np.ndarray]:
         yield table.column("input_ids").combine_chunks().flatten().to_numpy(zero_copy_only=False)
 
 
+def _window(chunks: Iterator[np.ndarray], skip: int, count: int) -> Iterator[np.ndarray]:
+    """Tokens [skip, skip + count) of a stream of chunks."""
+    for chunk in chunks:
+        if skip >= len(chunk):
+            skip -= len(chunk)
+            continue
+        piece = chunk[skip:skip + count]
+        skip = 0
+        count -= len(piece)
+        yield piece
+        if not count:
+            return
+
+
+def _pack_rows(job: tuple[datasets.Dataset, np.ndarray, np.ndarray, int, int, int, int, int, np.dtype, str]
+               ) -> tuple[int, int]:
+    """Rows [first, last) of a split's packed stream into one Arrow file. The documents' token offsets are known
+    from their lengths, so each range is packed on its own and the rows are those one sequential pass would give."""
+    tokenized, indices, offsets, first, last, seq, cls_id, sep_id, dtype, file = job
+    content = seq - 2
+    begin, end = first * content, last * content
+    lo = int(np.searchsorted(offsets, begin, side="right")) - 1
+    hi = int(np.searchsorted(offsets, end, side="left"))
+    chunks = _window(_token_chunks(tokenized.select(indices[lo:hi])), begin - int(offsets[lo]), end - begin)
+    return write_arrow(pack_token_stream(chunks, seq, cls_id, sep_id, dtype), Path(file), seq, dtype)
+
+
 def _split_and_pack(tokenized: datasets.Dataset, tok: PreTrainedTokenizerBase, max_seq_length: int,
-                    validation_fraction: float, seed: int, work: Path
+                    validation_fraction: float, seed: int, work: Path, num_proc: int = 1
                     ) -> tuple[dict[str, datasets.Dataset], dict[str, dict[str, int]], np.dtype]:
-    """Split the tokenized documents, pack each split into an Arrow file under `work`; splits, counts, id dtype."""
+    """Split the tokenized documents and pack each split into Arrow shards under `work`, `num_proc` row ranges at
+    a time (the result does not depend on num_proc); splits, counts, id dtype."""
     lengths = np.asarray(tokenized.data.column("length").to_numpy(), dtype=np.int64)
     train_docs, validation_docs = split_documents(lengths, validation_fraction, max_seq_length, seed)
     dtype = token_dtype(len(tok))
+    content = max_seq_length - 2
     splits, counts = {}, {}
     for name, indices in zip(SPLITS, (train_docs, validation_docs)):
-        file = work / f"{name}.arrow"
-        blocks = pack_token_stream(_token_chunks(tokenized.select(indices)), max_seq_length, tok.cls_token_id,
-                                   tok.sep_token_id, dtype)
-        rows, tokens = write_arrow(blocks, file, max_seq_length, dtype)
-        splits[name] = datasets.Dataset.from_file(str(file))
-        corpus_tokens = int(lengths[indices].sum())
-        counts[name] = {"documents": len(indices), "sequences": rows, "tokens": tokens,
-                        "corpus_tokens": corpus_tokens, "dropped_tokens": corpus_tokens - rows * (max_seq_length - 2)}
+        offsets = np.concatenate([[0], np.cumsum(lengths[indices])])
+        rows = int(offsets[-1]) // content
+        parts = max(1, min(num_proc, rows // MIN_PACK_ROWS))
+        bounds = np.linspace(0, rows, parts + 1).astype(np.int64)
+        jobs = [(tokenized, indices, offsets, int(a), int(b), max_seq_length, tok.cls_token_id, tok.sep_token_id,
+                 dtype, str(work / f"{name}-{k:05d}.arrow")) for k, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+        if parts > 1:
+            with multiprocessing.get_context("fork").Pool(parts) as pool:
+                written = pool.map(_pack_rows, jobs)
+        else:
+            written = [_pack_rows(job) for job in jobs]
+        splits[name] = datasets.concatenate_datasets([datasets.Dataset.from_file(job[-1]) for job in jobs])
+        corpus_tokens = int(offsets[-1])
+        counts[name] = {"documents": len(indices), "sequences": rows, "tokens": sum(t for _, t in written),
+                        "corpus_tokens": corpus_tokens, "dropped_tokens": corpus_tokens - rows * content}
+        assert sum(r for r, _ in written) == rows, "packed row ranges must cover the split exactly"
     return splits, counts, dtype
 
 
@@ -229,7 +268,8 @@ def prepare_dataset(output_dir: str | Path, corpus_files: Sequence[str | Path] |
                                         "length": datasets.Value("int64")}),
             cache_file_name=str(work / "tokenized.arrow"), desc="Tokenizing")
         stages.lap("tokenize")
-        splits, counts, dtype = _split_and_pack(tokenized, tok, max_seq_length, validation_fraction, seed, work)
+        splits, counts, dtype = _split_and_pack(tokenized, tok, max_seq_length, validation_fraction, seed, work,
+                                                procs)
         stages.lap("split_and_pack")
         for final in (DATASET_DIR, TOKENIZER_DIR):
             shutil.rmtree(out / final, ignore_errors=True)

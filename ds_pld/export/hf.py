@@ -152,6 +152,17 @@ def check_export_tokenizer(config: BertConfig, tokenizer: PreTrainedTokenizerBas
         raise ConfigError("the tokenizer pads on the left; the exported positions are exact for right padding")
 
 
+def check_finite_weights(model: BertForPreTraining, source: Path | None = None) -> None:
+    """A diverged run's weights are NaN; exported, they would load fine and predict garbage, so refuse them."""
+    bad = [name for name, tensor in model.state_dict().items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        where = f"model '{source}'" if source is not None else "the model"
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ConfigError(f"{where} has non-finite (NaN/inf) weights in {bad[:3]}{more}: the run diverged; "
+                          "export a checkpoint from before the divergence")
+
+
 def export_hf(model: BertForPreTraining | str | Path, output_dir: str | Path,
               tokenizer: PreTrainedTokenizerBase | str | Path | None = None) -> Path:
     """Write the transformers folder. `model`: a model, a save_pretrained folder or a DeepSpeed checkpoint folder;
@@ -162,6 +173,7 @@ def export_hf(model: BertForPreTraining | str | Path, output_dir: str | Path,
         if not model_path.exists():
             raise ConfigError(f"model '{model_path}' does not exist")
         model = load_pretrained(model_path)
+    check_finite_weights(model, model_path)
     tok = _load_tokenizer(tokenizer, model_path)
     if tok is not None:
         check_export_tokenizer(model.config, tok)

@@ -40,7 +40,7 @@ from ds_pld.engine import DsPldEngine
 from ds_pld.glue.config import GlueConfig, TaskSettings, parse_glue_config
 from ds_pld.glue.data import GlueSplits, check_glue_tokenizer, collator, load_glue_task, tokenize
 from ds_pld.glue.metrics import aggregate, compute_metrics, glue_average, task_score
-from ds_pld.glue.model import SequenceClassifier, check_vocabulary, load_encoder
+from ds_pld.glue.model import SequenceClassifier, check_model_exists, check_vocabulary, load_encoder
 from ds_pld.glue.tasks import EXCLUDED_FROM_AVERAGE, TABLE_ORDER, GlueTask, get_task, parse_tasks
 from ds_pld.models.bert import BertForPreTraining
 from ds_pld.models.config import BertConfig
@@ -404,6 +404,7 @@ def prepare(model: str | Path, tasks: str | list[str], deepspeed_config: str | P
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
         raise ConfigError(f"--max_steps = {max_steps!r} must be a positive integer")
     task_list = parse_tasks(tasks)
+    check_model_exists(model)  # before the tokenizer, which is looked up beside the model
     tok = resolve_tokenizer(model, tokenizer)
     pretrained = load_encoder(model, slimming=glue.earlybert is not None)
     check_vocabulary(pretrained.config, tok, f"model '{model}'")

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import ModelOutput
 
 from ds_pld.config_errors import ConfigError
 from ds_pld.models.bert import BertForPreTraining
@@ -23,9 +24,12 @@ _VOCAB_PADDING = (8, 64, 128)
 
 
 @dataclass
-class ClassifierOutput:
-    loss: torch.Tensor | None
-    logits: torch.Tensor
+class ClassifierOutput(ModelOutput):
+    """A transformers ModelOutput (a dict), like PretrainingOutput: ZeRO-3 finds a module's output tensors by walking
+    tuples and dicts to hook the backward, and a plain dataclass hides them."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
 
 
 class ClassificationHead(nn.Module):
@@ -74,7 +78,7 @@ class SequenceClassifier(nn.Module):
                 loss = F.mse_loss(logits.float().squeeze(-1), labels.float())
             else:
                 loss = F.cross_entropy(logits.float(), labels.long())
-        return ClassifierOutput(loss, logits)
+        return ClassifierOutput(loss=loss, logits=logits)
 
 
 def check_vocabulary(config: BertConfig, tokenizer: Any, where: str) -> None:
@@ -90,12 +94,16 @@ def check_vocabulary(config: BertConfig, tokenizer: Any, where: str) -> None:
                           f"'pad_token_id' {config.pad_token_id}")
 
 
+def check_model_exists(path: str | Path) -> None:
+    """A missing --model must be named as such, not reported as a missing tokenizer (looked up beside it)."""
+    if not Path(path).exists():
+        raise ConfigError(f"pretrained model folder '{path}' does not exist (--model)")
+
+
 def load_encoder(path: str | Path, slimming: bool = False) -> BertForPreTraining:
     """A pretrained model from a model folder or a DeepSpeed checkpoint (EarlyBERT-pruned shapes included);
     `slimming` adds EarlyBERT coefficients (initialized to 1) for EarlyBERT fine-tuning."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"pretrained model '{path}' does not exist")
+    check_model_exists(path)
     return load_pretrained(path, **({"slimming": True} if slimming else {}))
 
 

@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ds_pld.config_errors import ConfigError, boolean, check_keys, number
+from ds_pld.data.corpus import check_encoding_errors
 
 SCHEDULES = ("warmup_exp_decay", "warmup_linear", "constant")
+DIVERGENCE_POLICIES = ("stop", "rollback")
 
 
 @dataclass(frozen=True)
@@ -20,14 +22,25 @@ class TrainingConfig:
     eval_batches: int = 8
     log_every: int = 1
     seed: int = 42
+    keep_checkpoints: int = 3
+    on_divergence: str = "stop"
+    max_rollbacks: int = 3
+    rollback_lr_factor: float = 0.5
 
     @classmethod
     def from_dict(cls, block: Mapping[str, Any] | None) -> TrainingConfig:
         block = block or {}
         check_keys(block, "training", allowed=cls.__dataclass_fields__)
         d = cls()
-        return cls(**{key: number(block, key, "training", getattr(d, key), integer=True,
-                                  low=0 if key == "seed" else 1) for key in cls.__dataclass_fields__})
+        policy = block.get("on_divergence", d.on_divergence)
+        if policy not in DIVERGENCE_POLICIES:
+            raise ConfigError(f"'training.on_divergence' = {policy!r} must be one of {DIVERGENCE_POLICIES}")
+        factor = number(block, "rollback_lr_factor", "training", d.rollback_lr_factor, low=0.0, high=1.0,
+                        low_open=True)
+        integers = [key for key in cls.__dataclass_fields__ if key not in ("on_divergence", "rollback_lr_factor")]
+        return cls(on_divergence=policy, rollback_lr_factor=factor, **{
+            key: number(block, key, "training", getattr(d, key), integer=True,
+                        low=0 if key in ("seed", "keep_checkpoints", "max_rollbacks") else 1) for key in integers})
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,7 @@ class DataConfig:
     vocab_size: int = 8192
     validation_fraction: float = 0.05
     mlm_probability: float = 0.15
+    encoding_errors: str = "strict"
 
     @classmethod
     def from_dict(cls, block: Mapping[str, Any] | None) -> DataConfig:
@@ -60,6 +74,7 @@ class DataConfig:
                                        high=1.0, low_open=True, high_open=True),
             mlm_probability=number(block, "mlm_probability", "data", d.mlm_probability, low=0.0, high=1.0,
                                    low_open=True, high_open=True),
+            encoding_errors=check_encoding_errors(block.get("encoding_errors", d.encoding_errors), "data"),
         )
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,29 @@ class MetricsFile:
         self._handle = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: Mapping[str, Any]) -> None:
-        self._handle.write(json.dumps(record) + "\n")
+        self._handle.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
         self._handle.flush()
+
+    def rewind(self, step: int) -> None:
+        """Drop the lines after `step` (a divergence rollback re-trains those steps)."""
+        self._handle.close()
+        kept = [line for line in read_metrics(self.path) if line.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(strict_json(line), allow_nan=False) + "\n" for line in kept))
+        self._handle = open(self.path, "a", encoding="utf-8")
 
     def close(self) -> None:
         self._handle.close()
+
+
+def strict_json(value: Any) -> Any:
+    """NaN and infinities as null: Python's json writes bare `NaN` tokens that strict JSON readers reject."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -48,8 +67,8 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    valid = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    valid = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     theta = [(r["step"], r["pld_theta"]) for r in records if r.get("pld_theta") is not None]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if train:

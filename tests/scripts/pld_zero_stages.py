@@ -1,5 +1,7 @@
-"""Run on 2 ranks by tests/test_pld.py: PLD training under ZeRO stages 0-3 (and 2 with activation checkpointing).
-Rank 0 writes what every rank saw to the JSON file given as argv[1]."""
+"""Run on 2 ranks by tests/test_pld.py: PLD training under ZeRO stages 0-3 (and 2 with activation checkpointing),
+plus a negative control: stage 3 with ds_pld's clearing of dropped layers' gradient partitions switched off (only
+here), whose weights must then differ from stage 0's. Rank 0 writes what every rank saw to the JSON file given as
+argv[1]."""
 from __future__ import annotations
 
 import json
@@ -16,7 +18,9 @@ from ds_pld.training.distributed import init_distributed, shutdown_distributed
 VOCAB, SEQ, STEPS = 64, 16, 6
 
 
-def run(stage: int, checkpointing: bool) -> dict:
+def run(stage: int, checkpointing: bool, reference: torch.Tensor | None, clear_zero3: bool = True
+        ) -> tuple[dict, torch.Tensor]:
+    """Train STEPS steps; return what was seen and the final weights (flat, gathered under ZeRO-3)."""
     torch.manual_seed(0)
     model = build_model("bert-tiny", vocab_size=VOCAB, num_layers=4, hidden_dropout=0.0, attention_dropout=0.0,
                         gradient_checkpointing=checkpointing)
@@ -27,6 +31,8 @@ def run(stage: int, checkpointing: bool) -> dict:
         "progressive_layer_drop": {"enabled": True, "theta": 0.5, "gamma": 0.5, "seed": 7},
     }
     engine, *_ = ds_pld.initialize(model=model, config=config)
+    if not clear_zero3:  # the negative control: dropped layers keep the previous step's gradient partitions
+        engine._clear_zero3_grad_partitions = lambda: None
     ran_per_pass: list[list[int]] = []
     counts = [0] * len(model.encoder.layers)
     for index, layer in enumerate(model.encoder.layers):
@@ -48,16 +54,23 @@ def run(stage: int, checkpointing: bool) -> dict:
     dist.all_gather_object(all_ran, ran_per_pass)
     params = [p for p in engine.module.parameters()]
     with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
-        checksum = float(sum(p.detach().double().sum() for p in params))
+        weights = torch.cat([p.detach().double().reshape(-1).cpu() for p in params])
+    checksum = float(weights.sum())
     checksums = [None] * dist.get_world_size()
     dist.all_gather_object(checksums, checksum)
-    return {"stage": stage, "checkpointing": checkpointing, "losses": losses, "thetas": thetas, "ran": all_ran,
-            "checksums": checksums, "global_steps": engine.global_steps}
+    diff = None if reference is None else float((weights - reference).abs().max())
+    engine.destroy()
+    return {"stage": stage, "checkpointing": checkpointing, "cleared": clear_zero3, "losses": losses,
+            "thetas": thetas, "ran": all_ran, "checksums": checksums, "global_steps": engine.global_steps,
+            "max_weight_diff_vs_stage0": diff}, weights
 
 
 def main() -> None:
     init_distributed()
-    results = [run(stage, False) for stage in (0, 1, 2, 3)] + [run(2, True)]
+    first, reference = run(0, False, None)
+    results = [first] + [run(stage, checkpointing, reference, clear)[0]
+                         for stage, checkpointing, clear in ((1, False, True), (2, False, True), (3, False, True),
+                                                             (2, True, True), (3, False, False))]
     if dist.get_rank() == 0:
         with open(sys.argv[-1], "w") as handle:
             json.dump(results, handle)
