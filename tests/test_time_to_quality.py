@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, launcher_env
 
 
 def study_module():
@@ -49,7 +47,7 @@ def test_smoke_study_writes_json_png_and_table(tmp_path: Path) -> None:
     out = tmp_path / "ttq"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "time_to_quality.py"), "--smoke", "--out",
                            str(out), "--threads", "1"], capture_output=True, text=True, timeout=900, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**launcher_env(), "OMP_NUM_THREADS": "1"})  # not this process's MASTER_PORT
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     header = next(line for line in proc.stdout.splitlines() if line.startswith("| arm |"))
     for column in ("final val loss", "wall s", "to baseline final (ratio)", "to within 2% (ratio)"):
