@@ -16,6 +16,7 @@ setup(
         "mpi4py",
         "wandb",
         "tqdm",
+        "psutil",
         "numpy",
         "matplotlib",
         "scikit-learn",
