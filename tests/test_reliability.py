@@ -3,6 +3,7 @@ launcher, checkpoint integrity and retention, the resume contract, config errors
 where the behaviour depends on them."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -83,6 +85,22 @@ def end_all(procs: list[psutil.Process]) -> None:
             proc.kill()
         except psutil.Error:
             pass
+
+
+@contextlib.contextmanager
+def running_job(config: Path, out: Path, log: Path) -> Iterator[tuple[subprocess.Popen, list[psutil.Process]]]:
+    """A 2-rank `deepspeed` job that has logged 2 steps: (the launcher, every process under it). Whatever the test
+    leaves running is SIGKILLed on the way out."""
+    launcher = start_launcher(config, out, log)
+    procs: list[psutil.Process] = []
+    try:
+        wait_for_steps(out, 2, launcher, log)
+        procs = psutil.Process(launcher.pid).children(recursive=True)
+        yield launcher, procs
+    finally:
+        end_all(procs)
+        if launcher.poll() is None:
+            launcher.kill()
 
 
 # --- 1. divergence --------------------------------------------------------------------------------------------------
@@ -170,11 +188,7 @@ def test_run_folder_lock_refuses_a_second_holder_and_names_it(tmp_path):
 def test_second_run_on_one_output_dir_is_refused_and_a_killed_holder_leaves_no_stale_lock(prepared, tmp_path):
     config = long_run_config(tmp_path / "config.json", prepared)
     out, log = tmp_path / "out", tmp_path / "first.log"
-    first = start_launcher(config, out, log)
-    procs: list[psutil.Process] = []
-    try:
-        wait_for_steps(out, 2, first, log)
-        procs = psutil.Process(first.pid).children(recursive=True)
+    with running_job(config, out, log) as (first, procs):
         rank0 = next(p for p in procs if "--local_rank=0" in p.cmdline())
         second = single_rank(config, out)
         assert second.returncode == 2, second.stderr[-3000:]
@@ -188,10 +202,6 @@ def test_second_run_on_one_output_dir_is_refused_and_a_killed_holder_leaves_no_s
         first.wait(timeout=HANG_GUARD_S)
         again = single_rank(config, out, "--max_steps", "1")
         assert again.returncode == 0, f"a killed holder left a stale lock:\n{again.stderr[-3000:]}"
-    finally:
-        end_all(procs)
-        if first.poll() is None:
-            first.kill()
 
 
 # --- 3. signals to the `deepspeed` command ----------------------------------------------------------------------------
@@ -204,11 +214,7 @@ def test_signal_to_the_deepspeed_command_stops_every_rank_with_a_checkpoint(prep
     max_steps = 100000
     config = long_run_config(tmp_path / "config.json", prepared)
     out, log = tmp_path / "out", tmp_path / "run.log"
-    launcher = start_launcher(config, out, log)
-    procs: list[psutil.Process] = []
-    try:
-        wait_for_steps(out, 2, launcher, log)
-        procs = psutil.Process(launcher.pid).children(recursive=True)
+    with running_job(config, out, log) as (launcher, procs):
         if how.startswith("Ctrl-C"):
             os.killpg(launcher.pid, signal.SIGINT)
         else:
@@ -216,8 +222,6 @@ def test_signal_to_the_deepspeed_command_stops_every_rank_with_a_checkpoint(prep
         launcher.wait(timeout=HANG_GUARD_S)
         gone, alive = psutil.wait_procs(procs, timeout=HANG_GUARD_S)
         assert not alive, f"processes left running: {alive}"
-    finally:
-        end_all(procs)
     text = log.read_text()
     steps = [r["step"] for r in strict_records(out / "metrics.jsonl")]
     last = steps[-1]
