@@ -22,6 +22,7 @@ import torch
 from deepspeed import comm as dist
 from deepspeed.runtime.engine import DeepSpeedEngine
 
+from ds_pld import universal_checkpoint
 from ds_pld.config import DsPldConfig, parse_config
 from ds_pld.config_errors import ConfigError
 from ds_pld.pld import ProgressiveLayerDrop, drop_seed
@@ -296,8 +297,18 @@ class DsPldEngine(DeepSpeedEngine):
                 print(f"[ds_pld] WARNING: {warning}", flush=True)
             tag = meta["tag"]
         else:
-            read_checkpoint_meta(load_dir, tag)
-        path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
+            meta = read_checkpoint_meta(load_dir, tag) or {}
+        reshard = (kwargs.get("load_optimizer_states", True) or self.zero_optimization_partition_weights()) and \
+            universal_checkpoint.needs_resharding(meta, self.dp_world_size, self.zero_optimization_stage())
+        if reshard:
+            source = self._convert_to_universal(Path(load_dir), tag, meta)
+            with universal_checkpoint.loading_universal(self):
+                path, client_state = super().load_checkpoint(str(source), tag=tag, **kwargs)
+            dist.barrier()
+            if self.global_rank == 0:
+                shutil.rmtree(source, ignore_errors=True)  # a derived copy; the original checkpoint stays
+        else:
+            path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
         client_state = dict(client_state or {})
         ours = client_state.pop(STATE_KEY, None) or {}
         self._pld_micro_step = 0
@@ -309,6 +320,26 @@ class DsPldEngine(DeepSpeedEngine):
             if name in self.extra_state:
                 self.extra_state[name].load_state_dict(state)
         return path, client_state
+
+
+    def _convert_to_universal(self, load_dir: Path, tag: str, meta: dict[str, Any]) -> Path:
+        """Rank 0 converts the checkpoint to DeepSpeed's universal format; every rank then loads `tag` from the
+        folder returned. A failed conversion is a ConfigError on every rank, not a hang."""
+        failure: list[str | None] = [None]
+        if self.global_rank == 0:
+            print(f"[ds_pld] checkpoint {tag!r} was written by {meta['world_size']} rank(s) with partitioned ZeRO "
+                  f"state; re-sharding it for {self.dp_world_size} through DeepSpeed's universal checkpoint",
+                  flush=True)
+            try:
+                universal_checkpoint.convert(load_dir, tag, meta)
+            except ConfigError as err:
+                failure = [str(err)]
+        dist.broadcast_object_list(failure, src=0)  # doubles as the barrier: the others wait for the conversion
+        if failure[0] is not None:
+            raise ConfigError(failure[0])
+        source = load_dir / universal_checkpoint.FOLDER
+        read_checkpoint_meta(source, tag)  # every rank: the conversion is complete, or a clear error
+        return source
 
 
 def _config_source(args: Any, config: Any, config_params: Any) -> tuple[Any, Any]:
@@ -331,7 +362,8 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
                distributed_port: int = 29500, mpu: Any = None, dist_init_required: bool | None = None,
                collate_fn: Any = None, config: Any = None, mesh_param: Any = None,
                config_params: Any = None) -> tuple[DsPldEngine, Any, Any, Any]:
-    """Same arguments and return tuple as `deepspeed.initialize`; the config may carry our extra blocks."""
+    """Same arguments and return tuple as `deepspeed.initialize`; the config may carry our extra blocks (the
+    trainer's and fine-tuning's blocks are accepted and left to their owners; other unknown top-level keys are not)."""
     source, args = _config_source(args, config, config_params)
     parsed = parse_config(source)
     if model is None:

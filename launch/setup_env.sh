@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for ds-pld (idempotent; seconds when already done).
 #   bash launch/setup_env.sh          # the library, DeepSpeed, transformers, W&B, ...
-#   bash launch/setup_env.sh test     # plus the test tools (pytest, mpich, triton) and, as root, SLURM + munge
+#   bash launch/setup_env.sh test     # plus the test tools (pytest, mpich, triton) and, as root, SLURM + munge,
+#                                     # pdsh + sshd (the two-node test)
 # torch is installed first and pinned when missing, so pip never resolves an unpinned torch to a multi-GB CUDA build;
 # a machine that already has torch (a GPU cluster image) keeps its own.
 set -euo pipefail
@@ -14,6 +15,9 @@ if [ "${1:-}" = "test" ]; then
   "$PY" -m pip install -q -e ".[test,triton]"
   if [ -x tests/cluster/install_slurm.sh ] && [ "$(id -u)" = 0 ]; then
     bash tests/cluster/install_slurm.sh || echo "setup_env: SLURM packages not installed; SLURM tests will skip" >&2
+  fi
+  if [ -x tests/cluster/install_ssh.sh ] && [ "$(id -u)" = 0 ]; then
+    bash tests/cluster/install_ssh.sh || echo "setup_env: pdsh/sshd not installed; the two-node test will skip" >&2
   fi
 else
   "$PY" -m pip install -q -e .
