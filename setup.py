@@ -10,7 +10,9 @@ setup(
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.19.8,<0.20",
+        "pydantic>=2.6",  # the config blocks (DeepSpeed 0.19 needs pydantic 2 too)
         "transformers>=5",
+        "accelerate>=1.1.0",  # transformers.Trainer needs it (ds_pld.integrations.transformers)
         "datasets",
         "tokenizers",
         "mpi4py",

@@ -1,11 +1,11 @@
-"""Cost of the per-step divergence check (issue 13): the time of `PretrainingRun.train_step` with the check against
-the same step without it, in one run, interleaved (ABBA order, so drift and machine noise hit both alike).
+"""Cost of the per-step divergence check (issue 13): the time of `ds_pld.training.step.train_step` with the check
+against the same step without it, in one run, interleaved (ABBA order, so drift and machine noise hit both alike).
 
     python benchmarks/divergence_check.py --preset bert-tiny --seq 128 --micro_batch 8 --accumulation 2 --steps 40
 
-The check is `PretrainingRun._non_finite`: `isfinite` on the summed loss and on the gradient norm DeepSpeed already
-computed, folded into the all-reduce the step makes anyway (loss, stop request, divergence flag). "Without" replaces
-that method on this benchmark's run object only by a constant zero flag, so both modes make the same all-reduce and
+The check is `ds_pld.training.divergence.non_finite`: `isfinite` on the summed loss and on the gradient norm DeepSpeed
+already computed, folded into the all-reduce the step makes anyway (loss, stop request, divergence flag). "Without"
+replaces the step module's reference to it by a constant zero flag, so both modes make the same all-reduce and
 the ratio is the check's own cost; the training code has no switch for it. The check alone is also timed over
 many calls, for an absolute figure free of the step's noise. A real PretrainingRun is built from a
 launch/train.py-style config (PLD off, so both modes run the same layers; no checkpoints, no evaluation, no W&B) on
@@ -31,9 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deepspeed import comm as dist  # noqa: E402
 
-from ds_pld.config import parse_config  # noqa: E402
 from ds_pld.data import prepare_dataset  # noqa: E402
+from ds_pld.training import step as training_step  # noqa: E402
+from ds_pld.training.config import parse_run_config  # noqa: E402
 from ds_pld.training.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from ds_pld.training.divergence import non_finite  # noqa: E402
 from ds_pld.training.run import PretrainingRun, build_run  # noqa: E402
 
 
@@ -53,13 +55,10 @@ def bench_config(args: argparse.Namespace, data: Path, steps: int) -> dict:
 
 def timed_step(run: PretrainingRun, check: bool) -> float:
     """One optimizer step, timed from outside (the record's own step_time stops before the flag is read)."""
-    if check:
-        run.__dict__.pop("_non_finite", None)  # the class's method: the real check
-    else:
-        zero = torch.zeros((), device=run.engine.device)
-        run._non_finite = lambda loss_sum: zero  # this object only: same all-reduce, no check
+    zero = torch.zeros((), device=run.engine.device)
+    training_step.non_finite = non_finite if check else (lambda engine, loss_sum: zero)  # same all-reduce
     started = time.perf_counter()
-    record, _ = run.train_step()
+    record, _ = training_step.train_step(run)
     elapsed = time.perf_counter() - started
     if record["loss"] != record["loss"]:
         raise RuntimeError(f"the loss is NaN at step {record['step']}; the benchmark needs a finite run")
@@ -69,12 +68,11 @@ def timed_step(run: PretrainingRun, check: bool) -> float:
 def time_check_alone(run: PretrainingRun, calls: int = 2000) -> float:
     """Seconds per call of the check itself on the run's last step (its loss and gradient norm): the same cost
     without the step's noise around it."""
-    run.__dict__.pop("_non_finite", None)
     loss_sum = torch.ones((), device=run.engine.device)
-    run._non_finite(loss_sum)
+    non_finite(run.engine, loss_sum)
     started = time.perf_counter()
     for _ in range(calls):
-        flag = run._non_finite(loss_sum)
+        flag = non_finite(run.engine, loss_sum)
     float(flag)
     return (time.perf_counter() - started) / calls
 
@@ -100,7 +98,7 @@ def main() -> None:
                 prepare_dataset(data, vocab_size=1024, max_seq_length=args.seq, num_proc=1)
             dist.barrier()
         total = args.warmup + 2 * args.steps
-        config = parse_config(bench_config(args, data, total))
+        config = parse_run_config(bench_config(args, data, total))
         run = build_run(config, Path(tmp) / "out", resume=False)
         for _ in range(args.warmup):
             timed_step(run, check=True)

@@ -172,7 +172,7 @@ def derive(args: argparse.Namespace) -> int:
     """A copy of a ds_configs file with `key.path=JSON` overrides, validated by the trainer's own parser, so a
     config key that changed name fails here (in CI's dry run) rather than on the GPU."""
     ensure_repo_importable()
-    from ds_pld.config import parse_config
+    from ds_pld.training.config import parse_run_config
 
     config = json.loads(Path(args.base).read_text())
     for item in args.set or []:
@@ -187,7 +187,7 @@ def derive(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(config, indent=2) + "\n")
-    parsed = parse_config(out)
+    parsed = parse_run_config(out)
     print(f"derive: {out} from {args.base}; model {parsed.model.to_dict() if parsed.model else None}; "
           f"training {parsed.training}; earlybert {'on' if parsed.earlybert else 'off'}; "
           f"pld {'on' if parsed.pld.enabled else 'off'}")

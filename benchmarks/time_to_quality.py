@@ -5,10 +5,10 @@
     python benchmarks/time_to_quality.py --device cuda --data DIR --out DIR --layers 12 --hidden 768 --batch 256
 
 Four arms train the same model (same initial weights), on the same data order and MLM masks, with the same
-learning-rate recipe: baseline, pld, earlybert, pld+earlybert. Each is a real `PretrainingRun` (the object behind
-`launch/train.py`) on one rank, so what is measured is the trainer users run, EarlyBERT's draw and engine rebuild
-included. The arms run interleaved, `--chunk` steps at a time, in one process: a change in the machine's load
-during the study hits every arm alike, and the ratios stay honest on a shared machine.
+learning-rate recipe: baseline, pld, earlybert, pld+earlybert. Each is a real `PretrainingRun` stepped by the
+functions `launch/train.py`'s loop calls, on one rank, so what is measured is the trainer users run, EarlyBERT's draw
+and engine rebuild included. The arms run interleaved, `--chunk` steps at a time, in one process: a change in the
+machine's load during the study hits every arm alike, and the ratios stay honest on a shared machine.
 
 Each arm's clock counts only its training steps. Whenever it passes a multiple of `--eval_every_s`, and at the
 end, the arm is evaluated (MLM loss and accuracy on a fixed held-out slice with fixed masks, off the clock).
@@ -149,16 +149,21 @@ class Arm:
         return self.run.step >= self.run.max_steps
 
     def evaluate(self) -> dict[str, float]:
-        point = {"time_s": self.clock, "step": self.run.step, **self.run.evaluate()}
+        from ds_pld.training.evaluate import evaluate
+
+        point = {"time_s": self.clock, "step": self.run.step, **evaluate(self.run)}
         self.curve.append(point)
         return point
 
     def train(self, steps: int, eval_every_s: float) -> None:
+        from ds_pld.training.outputs import log
+        from ds_pld.training.step import train_step
+
         for _ in range(steps):
             if self.done:
                 return
             started = time.perf_counter()
-            record, _ = self.run.train_step()
+            record, _ = train_step(self.run)
             elapsed = time.perf_counter() - started
             self.clock += elapsed
             self.step_times.append(elapsed)
@@ -168,7 +173,7 @@ class Arm:
                 record.update(self.evaluate())
                 self.next_mark = (math.floor(self.clock / eval_every_s) + 1) * eval_every_s if eval_every_s > 0 \
                     else self.clock
-            self.run.log(record)
+            log(self.run, record)
 
 
 def time_to_reach(curve: list[dict[str, float]], target: float) -> float | None:
@@ -268,9 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["WANDB_MODE"] = "disabled"
     import torch
 
-    from ds_pld.config import parse_config
     from ds_pld.data import load_pretraining_data
+    from ds_pld.training.config import parse_run_config
     from ds_pld.training.distributed import init_distributed, shutdown_distributed
+    from ds_pld.training.outputs import finish
     from ds_pld.training.run import build_run
 
     if args.threads:
@@ -283,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()[0]
     arms = []
     for name in args.arms:
-        config = parse_config(arm_config(name, args, data, seq))
+        config = parse_run_config(arm_config(name, args, data, seq))
         arms.append(Arm(name, build_run(config, out / name.replace("+", "_"), resume=False)))
         arms[-1].evaluate()  # the common starting point, at time 0
         arms[-1].next_mark = args.eval_every_s
@@ -303,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         load_average_1min={"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
         study_wall_s=wall)
     for arm in arms:
-        arm.run.finish()
+        finish(arm.run)
     (out / "time_to_quality.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     plot(summary, out / "time_to_quality.png")
     print(format_table(summary))

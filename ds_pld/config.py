@@ -1,23 +1,28 @@
-"""One place where a ds_configs JSON is read, our blocks are validated and removed, and the rest goes to DeepSpeed."""
+"""The plugin's config: a DeepSpeed config (JSON file or dict) plus our core blocks, parsed once.
+
+`ds_pld.initialize` needs `progressive_layer_drop`; `earlybert` and `model` are parsed here too because their owners
+(ds_pld.earlybert, ds_pld.models) are core packages. The blocks of ds_pld's own applications (the pretraining
+trainer's `data`, `lr_schedule`, `training`, `wandb`, fine-tuning's `glue`) are parsed by their owners
+(ds_pld.training.config, ds_pld.glue.config); here they are only known by name, so one file serves the trainer and
+`ds_pld.initialize` alike while the core imports nothing from the applications. Every other top-level key must be
+one DeepSpeed reads. Command-line overrides (`--set key.path=value`) are merged into the dict before parsing.
+"""
 from __future__ import annotations
 
 import copy
-import difflib
 import json
-from collections.abc import KeysView, Mapping
+from collections.abc import KeysView, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ds_pld.config_errors import ConfigError
+from ds_pld.config_errors import ConfigError, did_you_mean, in_source
 from ds_pld.earlybert.config import EarlyBertConfig
 from ds_pld.models.config import BertConfig, build_bert_config
 from ds_pld.pld import PLDConfig
-from ds_pld.training.config import DataConfig, LRScheduleConfig, TrainingConfig, WandbConfig
 
-EXTENSION_BLOCKS = ("progressive_layer_drop", "earlybert", "model", "data", "lr_schedule", "training", "wandb")
-# Our blocks read by other entry points (launch/finetune.py removes `glue` before the rest comes here).
-OTHER_BLOCKS = ("glue",)
+PLUGIN_BLOCKS = ("progressive_layer_drop", "earlybert", "model")
+APPLICATION_BLOCKS = ("data", "lr_schedule", "training", "wandb", "glue")
 # Read by deepspeed.initialize itself (the sequence-parallel mesh), not by DeepSpeedConfig.
 DEEPSPEED_INITIALIZE_KEYS = ("sequence_parallel_size", "data_parallel_size")
 
@@ -57,28 +62,20 @@ def deepspeed_top_level_keys() -> frozenset[str]:
 
 def check_top_level_keys(raw: Mapping[str, Any]) -> None:
     """A misspelt DeepSpeed key (`gradient_clippin`) would otherwise be ignored by DeepSpeed without a word."""
-    unknown = sorted(set(raw) - set(EXTENSION_BLOCKS) - set(OTHER_BLOCKS) - deepspeed_top_level_keys())
+    ours = (*PLUGIN_BLOCKS, *APPLICATION_BLOCKS)
+    unknown = sorted(set(raw) - set(ours) - deepspeed_top_level_keys())
     if unknown:
-        known = sorted(deepspeed_top_level_keys() | set(EXTENSION_BLOCKS))
-        hints = {key: difflib.get_close_matches(key, known, n=1) for key in unknown}
-        hint = "; ".join(f"{key!r}: did you mean {match[0]!r}?" for key, match in hints.items() if match)
-        raise ConfigError(f"unknown top-level key(s) {unknown}: neither a ds_pld block {list(EXTENSION_BLOCKS)} "
-                          f"nor a key DeepSpeed reads{' (' + hint + ')' if hint else ''}")
+        raise ConfigError(f"unknown top-level key(s) {unknown}: neither a ds_pld block {list(ours)} nor a key "
+                          f"DeepSpeed reads{did_you_mean(unknown, deepspeed_top_level_keys() | set(ours))}")
 
 
-@dataclass(frozen=True)
-class DsPldConfig:
-    """Our blocks as typed objects, plus `deepspeed`: the dict DeepSpeed receives (our blocks removed)."""
+class NamedConfig(dict):
+    """A config dict that remembers where it came from (a file, plus command-line overrides): errors found after
+    the overrides are merged still name the file."""
 
-    deepspeed: dict[str, Any]
-    pld: PLDConfig = field(default_factory=PLDConfig)
-    earlybert: EarlyBertConfig | None = None
-    model: BertConfig | None = None
-    data: DataConfig = field(default_factory=DataConfig)
-    lr_schedule: LRScheduleConfig | None = None
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    source: str = "<dict>"
+    def __init__(self, data: Mapping[str, Any], source: str) -> None:
+        super().__init__(data)
+        self.source = source
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
@@ -94,28 +91,71 @@ def read_json(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+def load_config_dict(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """(a private copy of the config, the name errors give it: the file, or '<dict>')."""
+    if isinstance(source, Mapping):
+        return copy.deepcopy(dict(source)), getattr(source, "source", "<dict>")
+    return read_json(source), str(source)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.path=value` -> (key.path, value): the value is JSON when it parses (`4`, `true`, `[1, 2]`, `null`),
+    else the plain string (`bert-tiny`, `/data/x`)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or "" in key.split("."):
+        raise ConfigError(f"--set {text!r}: expected key.path=value, e.g. training.max_steps=100")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def set_key(config: dict[str, Any], dotted: str, value: Any) -> None:
+    """config['a']['b'] = value for 'a.b', creating missing blocks and keeping the block's other keys."""
+    *parents, last = dotted.split(".")
+    node = config
+    for depth, key in enumerate(parents):
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{'.'.join(parents[:depth + 1])}' is not a JSON object")
+    node[last] = value
+
+
+def with_overrides(source: str | Path | Mapping[str, Any], overrides: Sequence[tuple[str, Any]]) -> NamedConfig:
+    """The config with each (dotted key, value) merged in, in order (a later one wins); errors name the source and
+    the overridden keys."""
+    raw, where = load_config_dict(source)
+    for key, value in overrides:
+        set_key(raw, key, value)
+    keys = ", ".join(dict.fromkeys(key for key, _ in overrides))
+    return NamedConfig(raw, f"{where} (overrides: {keys})" if keys else where)
+
+
+@dataclass(frozen=True)
+class DsPldConfig:
+    """The core blocks as typed objects, plus `deepspeed`: the dict DeepSpeed receives (all our blocks removed).
+    The trainer's run config (ds_pld.training.config.RunConfig) extends it with the trainer's blocks."""
+
+    deepspeed: dict[str, Any]
+    pld: PLDConfig = field(default_factory=PLDConfig)
+    earlybert: EarlyBertConfig | None = None
+    model: BertConfig | None = None
+    source: str = "<dict>"
+
+
 def parse_config(source: str | Path | Mapping[str, Any] | DsPldConfig) -> DsPldConfig:
-    """Parse a config path or dict once; every error names the key (and the file when there is one)."""
+    """Parse a config path or dict once; every error names the key (and the file when there is one). The
+    applications' blocks are removed unparsed (their owners parse them); unknown top-level keys are errors."""
     if isinstance(source, DsPldConfig):
         return source
-    where = "<dict>" if isinstance(source, Mapping) else str(source)
-    raw = copy.deepcopy(dict(source)) if isinstance(source, Mapping) else read_json(source)
-    try:
+    raw, where = load_config_dict(source)
+    with in_source(where):
         check_top_level_keys(raw)
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
-    blocks = {name: raw.pop(name, None) for name in EXTENSION_BLOCKS}
-    try:
+        blocks = {name: raw.pop(name, None) for name in (*PLUGIN_BLOCKS, *APPLICATION_BLOCKS)}
         return DsPldConfig(
             deepspeed=raw,
             pld=PLDConfig.from_dict(blocks["progressive_layer_drop"]),
             earlybert=EarlyBertConfig.from_dict(blocks["earlybert"]),
             model=None if blocks["model"] is None else build_bert_config(blocks["model"]),
-            data=DataConfig.from_dict(blocks["data"]),
-            lr_schedule=LRScheduleConfig.from_dict(blocks["lr_schedule"]),
-            training=TrainingConfig.from_dict(blocks["training"]),
-            wandb=WandbConfig.from_dict(blocks["wandb"]),
             source=where,
         )
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None

@@ -25,6 +25,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from ds_pld import universal_checkpoint
 from ds_pld.config import DsPldConfig, parse_config
 from ds_pld.config_errors import ConfigError
+from ds_pld.models.zero3 import prepare_zero3_pld
 from ds_pld.pld import ProgressiveLayerDrop, drop_seed
 
 STATE_KEY = "ds_pld"
@@ -189,6 +190,23 @@ def zero3_grad_buffer(optimizer: Any) -> torch.Tensor:
                           f"{deepspeed.__version__} does not have (ds_pld was written against 0.19.8); use ZeRO "
                           f"stage 0-2 or a DeepSpeed version that has it")
     return buffer
+
+
+def check_deepspeed_internals(engine: DeepSpeedEngine) -> None:
+    """The private DeepSpeed names this engine relies on beyond ZeRO-3's buffer (checked where it is used), asked
+    at initialize: a DeepSpeed that renamed one would otherwise keep training with the feature silently off (no
+    gradient norm for the divergence check at ZeRO-0, no re-sharding on another world size)."""
+    missing = []
+    if not callable(getattr(DeepSpeedEngine, "clip_fp32_gradients", None)) or \
+            "_global_grad_norm" not in inspect.getsource(DeepSpeedEngine.get_global_grad_norm):
+        missing.append("DeepSpeedEngine.clip_fp32_gradients / _global_grad_norm (the ZeRO-0 gradient norm that the "
+                       "divergence check reads)")
+    if not hasattr(getattr(engine, "_config", None), "load_universal_checkpoint"):
+        missing.append("DeepSpeedEngine._config.load_universal_checkpoint (re-sharding a ZeRO checkpoint for "
+                       "another world size)")
+    if missing:
+        raise ConfigError(f"DeepSpeed {deepspeed.__version__} lacks what ds_pld (written against 0.19.8) relies on: "
+                          f"{'; '.join(missing)}")
 
 
 class DsPldEngine(DeepSpeedEngine):
@@ -376,6 +394,7 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
                           "partitions of dropped layers are not cleared between steps ('zero_optimization."
                           "offload_optimizer')")
     ds_config = copy.deepcopy(parsed.deepspeed)
+    prepare_zero3_pld(model, ds_config, parsed.pld.enabled)  # before DeepSpeed installs its ZeRO-3 hooks
     uses_lamb = optimizer is None and str((ds_config.get("optimizer") or {}).get("type", "")).lower() == "lamb"
     if uses_lamb:
         from ds_pld.optim import LambConfig, build_lamb
@@ -393,6 +412,7 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     if type(engine) is not DeepSpeedEngine:
         raise ConfigError(f"ds_pld supports the plain DeepSpeedEngine, not {type(engine).__name__} "
                           "(pipeline / hybrid engines)")
+    check_deepspeed_internals(engine)
     engine.__class__ = DsPldEngine
     if parsed.pld.enabled and engine.zero_optimization_stage() == 3:
         zero3_grad_buffer(engine.optimizer)  # fail now, not by silently training dropped layers on stale gradients

@@ -12,41 +12,39 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+from pydantic import Field
 
-from ds_pld.config_errors import ConfigError, boolean, check_keys, number
+from ds_pld.config_errors import Bool, ConfigError, Float, Int, config_block, parse_block
 
 BLOCK = "progressive_layer_drop"
 
 
-@dataclass(frozen=True)
+@config_block
 class PLDConfig:
     """The `progressive_layer_drop` config block (same keys and meaning as DeepSpeed <= 0.19.5, plus `seed`)."""
 
-    enabled: bool = False
-    theta: float = 0.5
-    gamma: float = 0.001
-    seed: int = 0
+    enabled: Bool = False
+    theta: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.5
+    gamma: Annotated[Float, Field(ge=0.0)] = 0.001
+    seed: Annotated[Int, Field(ge=0)] = 0
 
     @classmethod
     def from_dict(cls, block: Mapping[str, Any] | None) -> PLDConfig:
+        """A present block is on unless it says `"enabled": false` (DeepSpeed's rule); when on, theta and gamma
+        are required, since the paper's values are no safe default for another run length."""
         if block is None:
-            return cls(enabled=False)
-        check_keys(block, BLOCK, allowed=("enabled", "theta", "gamma", "seed"))
-        enabled = boolean(block, "enabled", BLOCK, default=True)
-        if not enabled:
-            return cls(enabled=False)
-        missing = [k for k in ("theta", "gamma") if k not in block]
+            return cls()
+        parsed = parse_block(cls, {"enabled": True, **block} if isinstance(block, Mapping) else block, BLOCK)
+        if not parsed.enabled:
+            return cls()
+        missing = [key for key in ("theta", "gamma") if key not in block]
         if missing:
             raise ConfigError(f"missing required key(s) {missing} in '{BLOCK}' (theta in (0, 1], gamma >= 0)")
-        theta = number(block, "theta", BLOCK, low=0.0, high=1.0, low_open=True)
-        gamma = number(block, "gamma", BLOCK, low=0.0)
-        seed = number(block, "seed", BLOCK, default=0, integer=True, low=0)
-        return cls(enabled=True, theta=theta, gamma=gamma, seed=seed)
+        return parsed
 
 
 def theta_at(step: int, theta_bar: float, gamma: float) -> float:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ds_pld.config import parse_override, with_overrides  # noqa: E402
 from ds_pld.config_errors import ConfigError  # noqa: E402
 from ds_pld.training.distributed import init_distributed, shutdown_distributed  # noqa: E402
 
@@ -41,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--deepspeed_config", default=str(ROOT / "ds_configs" / "glue.json"),
                         help="DeepSpeed config with a 'glue' block")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override one config key, e.g. --set glue.learning_rate=3e-5 --set glue.tasks.rte.epochs=5"
+                             "; the value is JSON when it parses, else a string; repeatable, later ones win")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder; default: the one saved with the model")
     parser.add_argument("--seeds", type=_int_list, default=None, help="e.g. 1,2,3; default: 'glue.seeds'")
     parser.add_argument("--epochs", type=float, default=None, help="epochs for every task (overrides the config)")
@@ -53,11 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from ds_pld.glue.finetune import run_glue
+    from ds_pld.glue.job import run_glue
 
     try:
+        config = with_overrides(args.deepspeed_config, [parse_override(text) for text in args.set])
         init_distributed()
-        summary = run_glue(args.model, args.tasks, args.output_dir, args.deepspeed_config, glue_dir=args.glue_dir,
+        summary = run_glue(args.model, args.tasks, args.output_dir, config, glue_dir=args.glue_dir,
                            tokenizer=args.tokenizer, seeds=args.seeds, epochs=args.epochs, max_steps=args.max_steps)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

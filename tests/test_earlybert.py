@@ -534,14 +534,13 @@ def test_adam_moments_carry_across_the_draw(single_rank_world):
     """The slim engine continues with the full model's moments, sliced like the weights (the folded attn_out /
     ffn_out columns divided by the coefficient, squared for the second moment) and Adam's step count kept."""
     from ds_pld.earlybert.prune import prune_adam_moments
-    from ds_pld.optim.moments import read_moments, write_moments
-    from ds_pld.training.run import full_fp32_state_dict
+    from ds_pld.optim.moments import full_precision_state, read_moments, write_moments
 
     config = engine_config()
     engine, *_ = ds_pld.initialize(model=slim_model().train(), config=config)
     bird = EarlyBird(EarlyBertConfig(check_every=1, window=2, lambda_head=1.0, lambda_ffn=1.0))
     search_steps(engine, bird, 3)
-    moments, weights = read_moments(engine), full_fp32_state_dict(engine)
+    moments, weights = read_moments(engine), full_precision_state(engine.module)
     ticket = bird.ticket(engine.module)
     slim = prune_model(engine.module, ticket, weights).float()
     slim_engine, *_ = ds_pld.initialize(model=slim, config=config)

@@ -15,21 +15,15 @@ from conftest import ROOT, SCRIPTS, run_deepspeed
 from ds_pld.config_errors import ConfigError
 from ds_pld.glue.config import TaskSettings, parse_glue_config
 from ds_pld.glue.data import collator, load_glue_tsv, read_glue_tsv, tokenize
-from ds_pld.glue.finetune import (
-    RunResult,
-    deepspeed_config,
-    full_precision_state,
-    linear_warmup_decay,
-    prune_classifier,
-    run_glue,
-    summarize,
-    summary_markdown,
-    write_summary,
-)
+from ds_pld.glue.finetune import RunResult
+from ds_pld.glue.job import run_glue
 from ds_pld.glue.metrics import compute_metrics, glue_average, task_score
-from ds_pld.glue.model import SequenceClassifier, check_vocabulary
+from ds_pld.glue.model import SequenceClassifier, check_vocabulary, prune_classifier
+from ds_pld.glue.optimization import deepspeed_config, linear_warmup_decay
+from ds_pld.glue.summary import summarize, summary_markdown, write_summary
 from ds_pld.glue.tasks import get_task, parse_tasks
 from ds_pld.models.config import build_bert_config
+from ds_pld.optim.moments import full_precision_state
 
 sys.path.insert(0, str(SCRIPTS))
 from glue_toy import (  # noqa: E402

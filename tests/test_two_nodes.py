@@ -22,6 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import ROOT, free_port, launcher_env, tiny_train_config
+from test_reliability import wait_for_steps
 
 from ds_pld.engine import read_checkpoint_meta
 from ds_pld.training.metrics import read_metrics
@@ -168,15 +169,6 @@ def two_nodes() -> Iterator[TwoNodes]:
                     pass
             subprocess.run(["ip", "netns", "del", node.netns], capture_output=True)  # takes the veth pair with it
         shutil.rmtree(state, ignore_errors=True)
-
-
-def wait_for_steps(out: Path, steps: int, launcher: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + HANG_GUARD_S
-    metrics = out / "metrics.jsonl"
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= steps):
-        assert launcher.poll() is None, f"the run ended early:\n{log.read_text()[-4000:]}"
-        assert time.monotonic() < deadline, "the run did not start"
-        time.sleep(0.2)
 
 
 def peers(node: Node, rank: psutil.Process) -> set[str]:

@@ -6,6 +6,7 @@ from torch import nn
 
 from ds_pld.config_errors import ConfigError
 from ds_pld.models.bert import PreLNLayer
+from ds_pld.optim.moments import fp32_value
 
 
 def slimming_layers(model: nn.Module) -> list[PreLNLayer]:
@@ -40,13 +41,7 @@ def coefficient_values(param: nn.Parameter, name: str = "coefficient") -> torch.
     coarse to rank coefficients that move by ~lr per step), else the parameter itself. Detached, fp32, on the CPU.
     Under DeepSpeed this is a collective: call it on every rank."""
     check_materialized(param, name)
-    master = None
-    if hasattr(param, "_hp_mapping") or (hasattr(param, "ds_id") and hasattr(param, "_z3_optimizer")):
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        master = safe_get_full_fp32_param(param)
-    value = param if master is None else master
-    return value.detach().float().cpu()
+    return fp32_value(param)
 
 
 def read_coefficients(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

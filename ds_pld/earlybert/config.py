@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from ds_pld.config_errors import ConfigError, boolean, check_keys, number
+from pydantic import Field
+
+from ds_pld.config_errors import Bool, Float, Int, config_block, parse_block
 
 BLOCK = "earlybert"
-MODES = ("layerwise", "global")
+Mode = Literal["layerwise", "global"]
+Ratio = Annotated[Float, Field(ge=0.0, lt=1.0)]
+Step = Annotated[Int, Field(ge=1)]
 
 
-@dataclass(frozen=True)
+@config_block
 class EarlyBertConfig:
     """Search (L1 on slimming coefficients), early-bird detection, then structured pruning.
 
@@ -19,48 +22,26 @@ class EarlyBertConfig:
     within `epsilon` normalized Hamming distance of every other mask in the last `window` masks (computed every
     `check_every` steps), or at `max_search_steps` at the latest."""
 
-    enabled: bool = True
-    lambda_head: float = 1e-4
-    lambda_ffn: float = 1e-4
-    head_prune_ratio: float = 1.0 / 3.0
-    ffn_prune_ratio: float = 0.4
-    head_mode: str = "layerwise"
-    ffn_mode: str = "global"
-    check_every: int = 10
-    window: int = 5
-    epsilon: float = 0.1
-    draw_at_step: int | None = None
-    max_search_steps: int | None = None
-    rewind: bool = False
-    carry_optimizer_state: bool = True
+    enabled: Bool = True
+    lambda_head: Annotated[Float, Field(ge=0.0)] = 1e-4
+    lambda_ffn: Annotated[Float, Field(ge=0.0)] = 1e-4
+    head_prune_ratio: Ratio = 1.0 / 3.0
+    ffn_prune_ratio: Ratio = 0.4
+    head_mode: Mode = "layerwise"
+    ffn_mode: Mode = "global"
+    check_every: Step = 10
+    window: Annotated[Int, Field(ge=2)] = 5
+    epsilon: Annotated[Float, Field(gt=0.0)] = 0.1
+    draw_at_step: Step | None = None
+    max_search_steps: Step | None = None
+    rewind: Bool = False
+    carry_optimizer_state: Bool = True
 
     @classmethod
-    def from_dict(cls, block: Mapping[str, Any] | None) -> EarlyBertConfig | None:
+    def from_dict(cls, block: Mapping[str, Any] | None, where: str = BLOCK) -> EarlyBertConfig | None:
+        """None when the block is absent or says `"enabled": false`; `where` is the block's dotted path (GLUE
+        fine-tuning nests it as 'glue.earlybert'), so errors name the key the user wrote."""
         if block is None:
             return None
-        check_keys(block, BLOCK, allowed=cls.__dataclass_fields__)
-        if not boolean(block, "enabled", BLOCK, default=True):
-            return None
-        d = cls()
-        values: dict[str, Any] = {
-            "lambda_head": number(block, "lambda_head", BLOCK, d.lambda_head, low=0.0),
-            "lambda_ffn": number(block, "lambda_ffn", BLOCK, d.lambda_ffn, low=0.0),
-            "head_prune_ratio": number(block, "head_prune_ratio", BLOCK, d.head_prune_ratio, low=0.0, high=1.0,
-                                       high_open=True),
-            "ffn_prune_ratio": number(block, "ffn_prune_ratio", BLOCK, d.ffn_prune_ratio, low=0.0, high=1.0,
-                                      high_open=True),
-            "check_every": number(block, "check_every", BLOCK, d.check_every, integer=True, low=1),
-            "window": number(block, "window", BLOCK, d.window, integer=True, low=2),
-            "epsilon": number(block, "epsilon", BLOCK, d.epsilon, low=0.0, low_open=True),
-            "rewind": boolean(block, "rewind", BLOCK, d.rewind),
-            "carry_optimizer_state": boolean(block, "carry_optimizer_state", BLOCK, d.carry_optimizer_state),
-        }
-        for key in ("head_mode", "ffn_mode"):
-            mode = block.get(key, getattr(d, key))
-            if mode not in MODES:
-                raise ConfigError(f"'{BLOCK}.{key}' = {mode!r} must be one of {MODES}")
-            values[key] = mode
-        for key in ("draw_at_step", "max_search_steps"):
-            if block.get(key) is not None:
-                values[key] = number(block, key, BLOCK, integer=True, low=1)
-        return cls(**values)
+        parsed = parse_block(cls, block, where)
+        return parsed if parsed.enabled else None

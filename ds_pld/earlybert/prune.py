@@ -6,7 +6,7 @@ c into those columns gives a model without coefficients that computes exactly wh
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -69,16 +69,26 @@ def _strip_module_prefix(state: Mapping[str, torch.Tensor]) -> Mapping[str, torc
     return state
 
 
+def _encoder_prefix(keys: Iterable[str]) -> str:
+    """What stands before 'encoder.layers.' in the keys: '' for a BertForPreTraining, 'bert.' for a model that wraps
+    one (a GLUE classifier), so one pruning serves both."""
+    prefixes = {key[:key.index(LAYER_PREFIX)] for key in keys if LAYER_PREFIX in key}
+    if len(prefixes) != 1:
+        raise ValueError(f"expected the layers of one encoder ('...{LAYER_PREFIX}N.'), found prefixes {prefixes}")
+    return prefixes.pop()
+
+
 def prune_state_dict(source: Mapping[str, torch.Tensor], ticket: Ticket, num_layers: int, head_dim: int
                      ) -> dict[str, torch.Tensor]:
     """The slim model's state from a full (slimming) one: layers sliced to the ticket with coefficients folded in,
-    every other entry copied."""
+    every other entry (embeddings, heads, a wrapper's own parameters) copied."""
     if ticket.num_layers != num_layers:
         raise ValueError(f"ticket has {ticket.num_layers} layers, the model {num_layers}")
     source = _strip_module_prefix(source)
-    new_state = {key: value.detach().clone() for key, value in source.items() if not key.startswith(LAYER_PREFIX)}
+    layers = _encoder_prefix(source) + LAYER_PREFIX
+    new_state = {key: value.detach().clone() for key, value in source.items() if not key.startswith(layers)}
     for i in range(num_layers):
-        prefix = f"{LAYER_PREFIX}{i}."
+        prefix = f"{layers}{i}."
         layer_state = {key: source[prefix + key] for key in (*LAYER_KEYS, *COEF_KEYS) if prefix + key in source}
         pruned = prune_layer_state(layer_state, ticket.heads[i], ticket.neurons[i], head_dim)
         new_state.update({prefix + key: value for key, value in pruned.items()})
@@ -95,7 +105,7 @@ def prune_moments(moments: Mapping[str, torch.Tensor], weights: Mapping[str, tor
     weights = _strip_module_prefix(weights)
     source = dict(_strip_module_prefix(moments))
     for key, coef in weights.items():
-        if key.startswith(LAYER_PREFIX) and key.rsplit(".", 1)[-1] in COEF_KEYS:
+        if LAYER_PREFIX in key and key.rsplit(".", 1)[-1] in COEF_KEYS:
             safe = torch.where(coef.abs() < 1e-6, torch.full_like(coef, 1e-6), coef)
             source[key] = safe.float().reciprocal() ** power
     return prune_state_dict(source, ticket, num_layers, head_dim)

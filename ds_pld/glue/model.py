@@ -5,6 +5,7 @@ is); its pretraining heads are frozen and unused. PLD's forward keywords are pas
 in fine-tuning only when the DeepSpeed config enables it."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from ds_pld.config_errors import ConfigError
+from ds_pld.earlybert import Ticket, prune_model
 from ds_pld.models.bert import BertForPreTraining
 from ds_pld.models.config import BertConfig
 from ds_pld.models.io import load_pretrained
@@ -79,6 +81,19 @@ class SequenceClassifier(nn.Module):
             else:
                 loss = F.cross_entropy(logits.float(), labels.long())
         return ClassifierOutput(loss=loss, logits=logits)
+
+
+def prune_classifier(model: SequenceClassifier, ticket: Ticket, state: Mapping[str, torch.Tensor]
+                     ) -> SequenceClassifier:
+    """EarlyBERT's draw for a classifier: the encoder keeps only the ticket's heads and neurons (weights from `state`,
+    coefficients folded in), the head is kept whole, also from `state`."""
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+    pruned = SequenceClassifier(prune_model(model.bert, ticket, part("bert.")), model.num_labels,
+                                model.classifier.dropout.p)
+    pruned.classifier.load_state_dict(part("classifier."))
+    return pruned
 
 
 def check_vocabulary(config: BertConfig, tokenizer: Any, where: str) -> None:

@@ -1,9 +1,11 @@
 """Pre-LN BERT with switchable layers for Progressive Layer Dropping.
 
 Layer l (1-based) in training with PLD:  h = x + G * Attn(LN(x)) / p_l,  y = h + G * FFN(LN(h)) / p_l,
-G ~ Bernoulli(p_l). A dropped layer is skipped in Python: no forward, no backward, no parameter gather under ZeRO-3.
-In eval mode every layer runs, unscaled. The forward accepts DeepSpeed's old PLD keyword arguments
-(`progressive_layer_drop`, `pld_theta`) plus `pld_seed`, which makes the drop decisions reproducible.
+G ~ Bernoulli(p_l). A dropped layer is skipped in Python: no forward, no backward. ZeRO-3 fetches each layer as one
+unit (a ZeRO-3 leaf), so a dropped layer is not gathered either; unless `ds_pld.models.zero3.prepare_zero3_pld` made
+the whole encoder the unit before the engine was built, which gathers dropped layers too but keeps ZeRO-3's prefetch
+trace valid under PLD (issue 14). In eval mode every layer runs, unscaled. The forward accepts DeepSpeed's old PLD
+keyword arguments (`progressive_layer_drop`, `pld_theta`) plus `pld_seed`, which makes the drop decisions reproducible.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from deepspeed.utils import set_z3_leaf_module
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
@@ -74,6 +77,10 @@ class PreLNLayer(nn.Module):
         # EarlyBERT slimming coefficients: one per head (scales its context) and one per FFN neuron.
         self.head_coef = nn.Parameter(torch.ones(num_heads)) if config.slimming else None
         self.ffn_coef = nn.Parameter(torch.ones(intermediate)) if config.slimming else None
+        # The forward reads its children's weights directly (the fused kernels take weights and biases apart), so
+        # their own ZeRO-3 hooks never run: ZeRO-3 fetches all of the layer's parameters in the layer's hooks instead
+        # of gathering each one on first access as an "external parameter" (issue 14). Only ZeRO-3 reads the flag.
+        set_z3_leaf_module(self, True)
 
     def attention(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         batch, seq, _ = x.shape

@@ -2,10 +2,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from dataclasses import asdict
+from typing import Annotated, Any
 
-from ds_pld.config_errors import ConfigError
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator
+
+from ds_pld.config_errors import Bool, ConfigError, Float, Int, Str, config_block, one_of, parse_block
+from ds_pld.kernels import BACKENDS
+
+BLOCK = "model"
+Size = Annotated[Int, Field(gt=0)]
+Dropout = Annotated[Float, Field(ge=0.0, lt=1.0)]
+Widths = tuple[Annotated[Int, Field(ge=0)], ...]
 
 PRESETS: dict[str, dict[str, int]] = {
     # CPU-sized models for tests and the quick start.
@@ -19,49 +27,51 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-@dataclass(frozen=True)
+@config_block
 class BertConfig:
     """Shape and behaviour of the pre-LN BERT. `layer_heads`/`layer_intermediate` hold the widths that EarlyBERT
     kept in each layer (None: every layer has `num_heads` heads and `intermediate_size` FFN neurons)."""
 
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    intermediate_size: int = 3072
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
-    pad_token_id: int = 0
-    next_sentence_head: bool = False
-    gradient_checkpointing: bool = False
-    kernels: str = "auto"
-    slimming: bool = False
-    layer_heads: tuple[int, ...] | None = None
-    layer_intermediate: tuple[int, ...] | None = None
+    vocab_size: Size = 30522
+    hidden_size: Size = 768
+    num_layers: Size = 12
+    num_heads: Size = 12
+    intermediate_size: Size = 3072
+    max_position_embeddings: Size = 512
+    type_vocab_size: Size = 2
+    hidden_dropout: Dropout = 0.1
+    attention_dropout: Dropout = 0.1
+    layer_norm_eps: Annotated[Float, Field(gt=0.0)] = 1e-12
+    initializer_range: Annotated[Float, Field(ge=0.0)] = 0.02
+    pad_token_id: Annotated[Int, Field(ge=0)] = 0
+    next_sentence_head: Bool = False
+    gradient_checkpointing: Bool = False
+    kernels: Annotated[Str, AfterValidator(one_of(BACKENDS))] = "auto"
+    slimming: Bool = False
+    layer_heads: Widths | None = None
+    layer_intermediate: Widths | None = None
 
-    def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(f"'model.hidden_size' = {self.hidden_size} is not divisible by "
-                              f"'model.num_heads' = {self.num_heads}")
-        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                    "max_position_embeddings", "type_vocab_size"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
-                raise ConfigError(f"'model.{key}' must be a positive integer, got {getattr(self, key)!r}")
-        for key in ("hidden_dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ConfigError(f"'model.{key}' = {getattr(self, key)} must be in [0, 1)")
-        for key, full in (("layer_heads", self.num_heads), ("layer_intermediate", self.intermediate_size)):
-            widths = getattr(self, key)
-            if widths is None:
-                continue
-            if len(widths) != self.num_layers or any(not 0 <= w <= full for w in widths):
-                raise ConfigError(f"'model.{key}' must list {self.num_layers} widths in [0, {full}], got {widths}")
-        if self.layer_heads is not None and 0 in self.layer_heads:
-            raise ConfigError(f"'model.layer_heads' = {self.layer_heads}: every layer needs at least one head")
+    # Cross-field checks sit on the later field, so pydantic reports them under that key (fields validate in order).
+    @field_validator("num_heads")
+    @classmethod
+    def _divides_hidden_size(cls, value: int, info: ValidationInfo) -> int:
+        hidden = info.data.get("hidden_size")
+        if hidden is not None and hidden % value:
+            raise ValueError(f"must divide hidden_size = {hidden}")
+        return value
+
+    @field_validator("layer_heads", "layer_intermediate")
+    @classmethod
+    def _one_width_per_layer(cls, value: tuple[int, ...] | None, info: ValidationInfo) -> tuple[int, ...] | None:
+        full = info.data.get("num_heads" if info.field_name == "layer_heads" else "intermediate_size")
+        layers = info.data.get("num_layers")
+        if value is None or full is None or layers is None:
+            return value
+        if len(value) != layers or any(width > full for width in value):
+            raise ValueError(f"must list {layers} widths in [0, {full}]")
+        if info.field_name == "layer_heads" and 0 in value:
+            raise ValueError("leaves a layer without heads: every layer needs at least one")
+        return value
 
     @property
     def head_dim(self) -> int:
@@ -81,7 +91,8 @@ class BertConfig:
         return out
 
     def with_updates(self, **changes: Any) -> BertConfig:
-        return replace(self, **changes)
+        """A copy with `changes`, validated like the config file (a bad width is a ConfigError naming the key)."""
+        return parse_block(BertConfig, {**self.to_dict(), **changes}, BLOCK)
 
 
 def build_bert_config(spec: str | Mapping[str, Any] | BertConfig, **overrides: Any) -> BertConfig:
@@ -90,20 +101,11 @@ def build_bert_config(spec: str | Mapping[str, Any] | BertConfig, **overrides: A
         return spec.with_updates(**overrides) if overrides else spec
     if isinstance(spec, str):
         spec = {"preset": spec}
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"'{BLOCK}' must be a preset name or a JSON object, got {type(spec).__name__}")
     fields = dict(spec)
     preset = fields.pop("preset", None)
-    values: dict[str, Any] = {}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"'model.preset' = {preset!r} is not one of {sorted(PRESETS)}")
-        values.update(PRESETS[preset])
-    values.update(fields)
-    values.update(overrides)
-    known = set(BertConfig.__dataclass_fields__)
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in 'model'; allowed: preset, {', '.join(sorted(known))}")
-    for key in ("layer_heads", "layer_intermediate"):
-        if values.get(key) is not None:
-            values[key] = tuple(int(w) for w in values[key])
-    return BertConfig(**values)
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"'{BLOCK}.preset' = {preset!r} is not one of {sorted(PRESETS)}")
+    values = {**PRESETS.get(preset, {}), **fields, **overrides}
+    return parse_block(BertConfig, values, BLOCK, also_allowed=("preset",))

@@ -7,49 +7,71 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import replace
+from typing import Annotated, Any
 
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator
 from torch import nn
 
-from ds_pld.config_errors import ConfigError, boolean, check_keys, number
+from ds_pld.config_errors import Bool, ConfigError, Float, Str, config_block, parse_block, unknown_keys
 from ds_pld.optim.lamb import Lamb
+from ds_pld.optim.param_groups import lamb_param_groups
 
 WHERE = "optimizer.params"
-PARAM_KEYS = ("lr", "betas", "eps", "weight_decay", "bias_correction", "max_coeff", "min_coeff", "eps_inside_sqrt",
-              "exclude_from_weight_decay", "exclude_from_trust_ratio")
+NonNegative = Annotated[Float, Field(ge=0.0)]
+Beta = Annotated[Float, Field(ge=0.0, lt=1.0)]
 
 
-def _patterns(params: Mapping[str, Any], key: str) -> tuple[str, ...] | None:
-    value = params.get(key)
-    if value is None:
-        return None
-    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"'{WHERE}.{key}' must be a list of name patterns (strings), got {value!r}")
-    for pattern in value:
+def _pair(value: Any) -> Any:
+    """betas must be exactly two numbers; said up front rather than as pydantic's per-item 'missing' report."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise ValueError("must be two numbers in [0, 1)")
+    return value
+
+
+def _pattern_list(value: Any) -> Any:
+    """A lone string would read as one pattern per character elsewhere: a list is required."""
+    if isinstance(value, str):
+        raise ValueError("must be a list of name patterns (strings)")
+    return () if value is None else value
+
+
+def _compiles(patterns: tuple[str, ...]) -> tuple[str, ...]:
+    for pattern in patterns:
         try:
             re.compile(pattern)
         except re.error as err:
-            raise ConfigError(f"'{WHERE}.{key}': {pattern!r} is not a valid regular expression ({err})") from None
-    return tuple(value)
+            raise ValueError(f"holds {pattern!r}, not a valid regular expression ({err})") from None
+    return patterns
 
 
-@dataclass(frozen=True)
+Patterns = Annotated[tuple[Str, ...], BeforeValidator(_pattern_list), AfterValidator(_compiles)]
+
+
+@config_block
 class LambConfig:
     """LAMB hyper-parameters; defaults are FusedLamb's. `exclude_from_weight_decay` / `exclude_from_trust_ratio` are
     regular expressions searched in parameter names (`"bias"`, `"norm"`); the trust-ratio list defaults to the
     weight-decay one, as in the original LAMB implementation."""
 
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    bias_correction: bool = True
-    max_coeff: float = 10.0
-    min_coeff: float = 0.01
-    eps_inside_sqrt: bool = False
-    exclude_from_weight_decay: tuple[str, ...] = ()
-    exclude_from_trust_ratio: tuple[str, ...] = ()
+    lr: NonNegative = 1e-3
+    betas: Annotated[tuple[Beta, Beta], BeforeValidator(_pair)] = (0.9, 0.999)
+    eps: NonNegative = 1e-8
+    weight_decay: NonNegative = 0.0
+    bias_correction: Bool = True
+    max_coeff: Annotated[Float, Field(gt=0.0)] = 10.0
+    min_coeff: NonNegative = 0.01
+    eps_inside_sqrt: Bool = False
+    exclude_from_weight_decay: Patterns = ()
+    exclude_from_trust_ratio: Patterns = ()
+
+    @field_validator("min_coeff")
+    @classmethod
+    def _at_most_max_coeff(cls, value: float, info: ValidationInfo) -> float:
+        top = info.data.get("max_coeff")
+        if top is not None and value > top:
+            raise ValueError(f"must be <= '{WHERE}.max_coeff' = {top}")
+        return value
 
     @classmethod
     def from_optimizer_block(cls, block: Mapping[str, Any] | None) -> LambConfig | None:
@@ -61,44 +83,22 @@ class LambConfig:
         kind = block.get("type")
         if not isinstance(kind, str) or kind.lower() != "lamb":
             return None
-        check_keys(block, "optimizer", ("type", "params"))
+        if set(block) - {"type", "params"}:
+            raise ConfigError(unknown_keys(set(block) - {"type", "params"}, "optimizer", ("type", "params")))
         params = block.get("params", {})
         if isinstance(params, Mapping) and "max_grad_norm" in params:
             raise ConfigError(f"'{WHERE}.max_grad_norm' is not supported: use the top-level 'gradient_clipping', "
                               "which DeepSpeed applies before the optimizer step")
-        check_keys(params, WHERE, PARAM_KEYS)
-        betas = params.get("betas", cls.betas)
-        if (isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2
-                or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0 for b in betas)):
-            raise ConfigError(f"'{WHERE}.betas' must be two numbers in [0, 1), got {betas!r}")
-        max_coeff = number(params, "max_coeff", WHERE, cls.max_coeff, low=0.0, low_open=True)
-        min_coeff = number(params, "min_coeff", WHERE, cls.min_coeff, low=0.0)
-        if min_coeff > max_coeff:
-            raise ConfigError(f"'{WHERE}.min_coeff' = {min_coeff} must be <= '{WHERE}.max_coeff' = {max_coeff}")
-        no_decay = _patterns(params, "exclude_from_weight_decay") or ()
-        no_trust = _patterns(params, "exclude_from_trust_ratio")
-        return cls(lr=number(params, "lr", WHERE, cls.lr, low=0.0),
-                   betas=(float(betas[0]), float(betas[1])),
-                   eps=number(params, "eps", WHERE, cls.eps, low=0.0),
-                   weight_decay=number(params, "weight_decay", WHERE, cls.weight_decay, low=0.0),
-                   bias_correction=boolean(params, "bias_correction", WHERE, cls.bias_correction),
-                   max_coeff=max_coeff, min_coeff=min_coeff,
-                   eps_inside_sqrt=boolean(params, "eps_inside_sqrt", WHERE, cls.eps_inside_sqrt),
-                   exclude_from_weight_decay=no_decay,
-                   exclude_from_trust_ratio=no_decay if no_trust is None else no_trust)
+        parsed = parse_block(cls, params, WHERE)
+        if params.get("exclude_from_trust_ratio") is None:  # default: the weight-decay list
+            return replace(parsed, exclude_from_trust_ratio=parsed.exclude_from_weight_decay)
+        return parsed
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        """Trainable parameters split by the exclusion patterns into at most four groups (decay x trust ratio);
-        empty groups are dropped. Under ZeRO-1/2 each group with trust ratio on costs one small all-reduce."""
-        buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-        for name, param in model.named_parameters():
-            if not param.requires_grad:
-                continue
-            decay = not any(re.search(p, name) for p in self.exclude_from_weight_decay)
-            trust = not any(re.search(p, name) for p in self.exclude_from_trust_ratio)
-            buckets.setdefault((decay, trust), []).append(param)
-        return [dict(params=params, weight_decay=self.weight_decay if decay else 0.0, trust_ratio=trust)
-                for (decay, trust), params in sorted(buckets.items(), reverse=True)]
+        """LAMB's parameter groups (ds_pld.optim.param_groups: the patterns, and no decay on slimming
+        coefficients)."""
+        return lamb_param_groups(model, self.weight_decay, self.exclude_from_weight_decay,
+                                 self.exclude_from_trust_ratio)
 
 
 def _zero_block(ds_config: Mapping[str, Any]) -> Mapping[str, Any]:

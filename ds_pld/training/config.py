@@ -1,126 +1,128 @@
-"""The pretraining job's own config blocks (`training`, `data`, `lr_schedule`, `wandb`), parsed into typed objects."""
+"""The pretraining job's own config blocks (`training`, `data`, `lr_schedule`, `wandb`), and the run config: the
+core config (ds_pld.config) composed with them. The trainer parses its blocks here, so the plugin core never has to.
+"""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from ds_pld.config_errors import ConfigError, boolean, check_keys, number
-from ds_pld.data.corpus import check_encoding_errors
+from pydantic import AfterValidator, Field
 
-SCHEDULES = ("warmup_exp_decay", "warmup_linear", "constant")
-DIVERGENCE_POLICIES = ("stop", "rollback")
+from ds_pld.config import DsPldConfig, NamedConfig, load_config_dict, parse_config
+from ds_pld.config_errors import Bool, ConfigError, Float, Int, Names, Str, config_block, in_source, one_of, parse_block
+from ds_pld.data.corpus import ENCODING_ERRORS
+
+Schedule = Literal["warmup_exp_decay", "warmup_linear", "constant"]
+DivergencePolicy = Literal["stop", "rollback"]
+Interval = Annotated[Int, Field(ge=1)]
+Count = Annotated[Int, Field(ge=0)]
+OpenFraction = Annotated[Float, Field(gt=0.0, lt=1.0)]
+# Keys that were taken out, with what to do instead: a config that still sets one learns why, not just "unknown".
+REMOVED_TRAINING_KEYS = (("log_every", "every step is written to metrics.jsonl (and W&B), so there is nothing to "
+                                       "thin out; remove the key"),)
 
 
-@dataclass(frozen=True)
+@config_block
 class TrainingConfig:
     """Loop lengths and intervals; CLI flags may override them."""
 
-    max_steps: int = 1000
-    checkpoint_every: int = 500
-    eval_every: int = 100
-    eval_batches: int = 8
-    log_every: int = 1
-    seed: int = 42
-    keep_checkpoints: int = 3
-    on_divergence: str = "stop"
-    max_rollbacks: int = 3
-    rollback_lr_factor: float = 0.5
+    max_steps: Interval = 1000
+    checkpoint_every: Interval = 500
+    eval_every: Interval = 100
+    eval_batches: Interval = 8
+    seed: Count = 42
+    keep_checkpoints: Count = 3
+    on_divergence: DivergencePolicy = "stop"
+    max_rollbacks: Count = 3
+    rollback_lr_factor: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.5
 
     @classmethod
     def from_dict(cls, block: Mapping[str, Any] | None) -> TrainingConfig:
-        block = block or {}
-        check_keys(block, "training", allowed=cls.__dataclass_fields__)
-        d = cls()
-        policy = block.get("on_divergence", d.on_divergence)
-        if policy not in DIVERGENCE_POLICIES:
-            raise ConfigError(f"'training.on_divergence' = {policy!r} must be one of {DIVERGENCE_POLICIES}")
-        factor = number(block, "rollback_lr_factor", "training", d.rollback_lr_factor, low=0.0, high=1.0,
-                        low_open=True)
-        integers = [key for key in cls.__dataclass_fields__ if key not in ("on_divergence", "rollback_lr_factor")]
-        return cls(on_divergence=policy, rollback_lr_factor=factor, **{
-            key: number(block, key, "training", getattr(d, key), integer=True,
-                        low=0 if key in ("seed", "keep_checkpoints", "max_rollbacks") else 1) for key in integers})
+        for key, instead in REMOVED_TRAINING_KEYS:
+            if isinstance(block, Mapping) and key in block:
+                raise ConfigError(f"'training.{key}' was removed: {instead}")
+        return parse_block(cls, block, "training")
 
 
-@dataclass(frozen=True)
+@config_block
 class DataConfig:
     """Where the packed dataset comes from: a prepared folder (`path`) or a corpus prepared on first use."""
 
-    path: str | None = None
-    corpus: tuple[str, ...] = ()
-    tokenizer: str | None = None
-    max_seq_length: int = 128
-    vocab_size: int = 8192
-    validation_fraction: float = 0.05
-    mlm_probability: float = 0.15
-    encoding_errors: str = "strict"
+    path: Str | None = None
+    corpus: Names = ()
+    tokenizer: Str | None = None
+    max_seq_length: Annotated[Int, Field(ge=8)] = 128
+    vocab_size: Annotated[Int, Field(ge=64)] = 8192
+    validation_fraction: OpenFraction = 0.05
+    mlm_probability: OpenFraction = 0.15
+    encoding_errors: Annotated[Str, AfterValidator(one_of(ENCODING_ERRORS))] = "strict"
 
     @classmethod
     def from_dict(cls, block: Mapping[str, Any] | None) -> DataConfig:
-        block = block or {}
-        check_keys(block, "data", allowed=cls.__dataclass_fields__)
-        corpus = block.get("corpus", ())
-        if isinstance(corpus, str):
-            corpus = (corpus,)
-        d = cls()
-        return cls(
-            path=block.get("path"),
-            corpus=tuple(corpus),
-            tokenizer=block.get("tokenizer"),
-            max_seq_length=number(block, "max_seq_length", "data", d.max_seq_length, integer=True, low=8),
-            vocab_size=number(block, "vocab_size", "data", d.vocab_size, integer=True, low=64),
-            validation_fraction=number(block, "validation_fraction", "data", d.validation_fraction, low=0.0,
-                                       high=1.0, low_open=True, high_open=True),
-            mlm_probability=number(block, "mlm_probability", "data", d.mlm_probability, low=0.0, high=1.0,
-                                   low_open=True, high_open=True),
-            encoding_errors=check_encoding_errors(block.get("encoding_errors", d.encoding_errors), "data"),
-        )
+        return parse_block(cls, block, "data")
 
 
-@dataclass(frozen=True)
+@config_block
 class LRScheduleConfig:
     """`warmup_exp_decay`: the PLD recipe (linear warmup over warmup_proportion of the steps, then
     lr * decay_rate ** ((step - warmup) / decay_steps)); `warmup_linear`: linear warmup then linear decay to 0."""
 
-    type: str = "warmup_exp_decay"
-    warmup_proportion: float = 0.02
-    decay_rate: float = 0.99
-    decay_steps: int = 1000
+    type: Schedule = "warmup_exp_decay"
+    warmup_proportion: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.02
+    decay_rate: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.99
+    decay_steps: Interval = 1000
 
     @classmethod
     def from_dict(cls, block: Mapping[str, Any] | None) -> LRScheduleConfig | None:
-        if block is None:
-            return None
-        check_keys(block, "lr_schedule", allowed=cls.__dataclass_fields__, required=("type",))
-        if block["type"] not in SCHEDULES:
-            raise ConfigError(f"'lr_schedule.type' = {block['type']!r} must be one of {SCHEDULES}")
-        d = cls()
-        return cls(
-            type=block["type"],
-            warmup_proportion=number(block, "warmup_proportion", "lr_schedule", d.warmup_proportion, low=0.0,
-                                     high=1.0, high_open=True),
-            decay_rate=number(block, "decay_rate", "lr_schedule", d.decay_rate, low=0.0, high=1.0, low_open=True),
-            decay_steps=number(block, "decay_steps", "lr_schedule", d.decay_steps, integer=True, low=1),
-        )
+        """None without a block (DeepSpeed's own `scheduler`, if any, then applies)."""
+        return None if block is None else parse_block(cls, block, "lr_schedule", required=("type",))
 
 
-@dataclass(frozen=True)
+@config_block
 class WandbConfig:
-    """Same keys as DeepSpeed's `wandb` monitor block; handled here so a resumed job continues the same run."""
+    """Same keys as DeepSpeed's `wandb` monitor block; handled here so a resumed job continues the same run.
+    `tags` is a list of strings; a single string is one tag ("pld" -> ("pld",)), as `data.corpus` is one file."""
 
-    enabled: bool = False
-    project: str = "ds-pld"
-    group: str | None = None
-    team: str | None = None
-    log_all_ranks: bool = False
-    tags: tuple[str, ...] = field(default_factory=tuple)
+    enabled: Bool = False
+    project: Str = "ds-pld"
+    group: Str | None = None
+    team: Str | None = None
+    log_all_ranks: Bool = False
+    tags: Names = ()
 
     @classmethod
     def from_dict(cls, block: Mapping[str, Any] | None) -> WandbConfig:
-        block = block or {}
-        check_keys(block, "wandb", allowed=cls.__dataclass_fields__)
-        return cls(enabled=boolean(block, "enabled", "wandb", False), project=str(block.get("project", "ds-pld")),
-                   group=block.get("group"), team=block.get("team"),
-                   log_all_ranks=boolean(block, "log_all_ranks", "wandb", False),
-                   tags=tuple(block.get("tags", ())))
+        return parse_block(cls, block, "wandb")
+
+
+@dataclass(frozen=True)
+class RunConfig(DsPldConfig):
+    """A pretraining run's whole config: the core blocks and DeepSpeed dict (DsPldConfig, which is what
+    `ds_pld.initialize` reads from it) plus the trainer's blocks."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    lr_schedule: LRScheduleConfig | None = None
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def parse_run_config(source: str | Path | Mapping[str, Any] | RunConfig) -> RunConfig:
+    """Parse a pretraining config (path, dict, or a `ds_pld.config.with_overrides` result) once: the core blocks by
+    ds_pld.config, the trainer's here. Every error names the key and the source."""
+    if isinstance(source, RunConfig):
+        return source
+    raw, where = load_config_dict(source)
+    core = parse_config(NamedConfig(raw, where))
+    with in_source(where):
+        if core.model is not None and core.model.next_sentence_head:
+            raise ConfigError("'model.next_sentence_head' = true: the pretraining data pipeline makes no "
+                              "next-sentence labels, so the head would never be trained; remove the key")
+        return RunConfig(
+            **{f.name: getattr(core, f.name) for f in fields(DsPldConfig)},
+            data=DataConfig.from_dict(raw.get("data")),
+            lr_schedule=LRScheduleConfig.from_dict(raw.get("lr_schedule")),
+            training=TrainingConfig.from_dict(raw.get("training")),
+            wandb=WandbConfig.from_dict(raw.get("wandb")),
+        )

@@ -14,6 +14,8 @@ import socket
 import time
 from pathlib import Path
 
+from ds_pld.config_errors import ConfigError
+
 LOCK_FILE = ".ds_pld.lock"
 
 
@@ -53,6 +55,28 @@ class RunFolderLock:
     @property
     def held(self) -> bool:
         return self._handle is not None
+
+
+def lock_run_folder(output_dir: Path, rank: int) -> RunFolderLock | None:
+    """Rank 0 takes the run folder's lock (returned; None on other ranks); every rank learns the answer (one
+    all-reduce at start-up) and a refused job exits on all ranks with the holder's host and pid."""
+    import torch
+    from deepspeed import comm as dist
+    from deepspeed.accelerator import get_accelerator
+
+    lock = RunFolderLock(output_dir) if rank == 0 else None
+    message = ""
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunFolderBusy as err:
+            message = str(err)
+    device = get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0")))
+    refused = torch.tensor([float(bool(message))], device=device)
+    dist.all_reduce(refused)
+    if float(refused[0]) > 0:
+        raise ConfigError(message or "the run folder is in use by another run (rank 0 names it)")
+    return lock
 
 
 def describe(text: str) -> str:

@@ -1,4 +1,5 @@
-"""The metrics stream: one JSON line per step in `<output_dir>/metrics.jsonl`, and the PNG of the curves."""
+"""The metrics stream: one JSON line per step in `<output_dir>/metrics.jsonl`, strict JSON documents for summaries,
+and the PNG of the curves."""
 from __future__ import annotations
 
 import json
@@ -46,6 +47,13 @@ def strict_json(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [strict_json(item) for item in value]
     return value
+
+
+def write_json(path: str | Path, value: Any) -> Path:
+    """A JSON document (summaries, a GLUE run's metrics), strict like the stream: non-finite numbers as null."""
+    path = Path(path)
+    path.write_text(json.dumps(strict_json(value), indent=2, allow_nan=False))
+    return path
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

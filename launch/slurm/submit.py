@@ -58,6 +58,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return args, train_args
 
 
+def train_overrides(train_args: list[str]) -> list[tuple[str, object]]:
+    """The `--set key=value` flags among the train.py flags after `--`: the world-size check must see the batch the
+    job will run with."""
+    from ds_pld.config import parse_override
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--set", action="append", default=[])
+    return [parse_override(text) for text in parser.parse_known_args(train_args)[0].set]
+
+
 def check(args: argparse.Namespace, train_args: list[str]) -> None:
     """Everything that would make the job fail at start, found before it waits in the queue."""
     for name in ("nodes", "tasks_per_node", "cpus_per_task"):
@@ -78,13 +88,14 @@ def check(args: argparse.Namespace, train_args: list[str]) -> None:
     if not Path(args.config).is_file():
         raise SubmitError(f"config {args.config!r} does not exist")
 
-    from ds_pld.config import parse_config
+    from ds_pld.config import with_overrides
     from ds_pld.config_errors import ConfigError
-    from ds_pld.training.run import resolve_batch_sizes
+    from ds_pld.training.batch_size import resolve_batch_sizes
+    from ds_pld.training.config import parse_run_config
 
     world = args.nodes * args.tasks_per_node
     try:
-        config = parse_config(args.config)
+        config = parse_run_config(with_overrides(args.config, train_overrides(train_args)))
         resolve_batch_sizes(dict(config.deepspeed), world)
     except ConfigError as err:
         raise SubmitError(f"{args.config}: {err} (world size {world} = --nodes {args.nodes} x --tasks_per_node "

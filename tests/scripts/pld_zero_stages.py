@@ -27,7 +27,9 @@ def run(stage: int, checkpointing: bool, reference: torch.Tensor | None, clear_z
     config = {
         "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
-        "zero_optimization": {"stage": stage},
+        # The negative control keeps ZeRO-3's per-layer layout (an encoder larger than the live-parameter bound is
+        # not made one leaf), where dropped layers' gradient partitions go stale unless ds_pld clears them.
+        "zero_optimization": {"stage": stage, **({} if clear_zero3 else {"stage3_max_live_parameters": 1})},
         "progressive_layer_drop": {"enabled": True, "theta": 0.5, "gamma": 0.5, "seed": 7},
     }
     engine, *_ = ds_pld.initialize(model=model, config=config)

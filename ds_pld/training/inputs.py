@@ -1,0 +1,42 @@
+"""A pretraining run's inputs: the packed dataset (prepared on first use) and the model config it fits."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from deepspeed import comm as dist
+
+from ds_pld.data import PretrainingData, check_seq_length, load_pretraining_data, prepare_dataset
+from ds_pld.models import BertConfig, build_bert_config
+from ds_pld.training.config import RunConfig
+
+
+def load_data(config: RunConfig, output_dir: Path, rank: int) -> PretrainingData:
+    """`data.path`, or a dataset rank 0 prepares from `data.corpus` into `<output_dir>/data`; the tokenizer is saved
+    beside the run's outputs."""
+    data = config.data
+    path = Path(data.path) if data.path else output_dir / "data"
+    if not data.path and rank == 0:
+        prepare_dataset(path, corpus_files=list(data.corpus) or None, tokenizer=data.tokenizer,
+                        max_seq_length=data.max_seq_length, vocab_size=data.vocab_size,
+                        validation_fraction=data.validation_fraction, seed=config.training.seed,
+                        encoding_errors=data.encoding_errors)
+    dist.barrier()
+    loaded = load_pretraining_data(path)
+    if rank == 0:
+        loaded.tokenizer.save_pretrained(str(output_dir / "tokenizer"))
+    return loaded
+
+
+def model_config(config: RunConfig, data: PretrainingData, meta: dict[str, Any] | None) -> BertConfig:
+    """The checkpoint's model config when resuming (it may be EarlyBERT-pruned), else the config's, sized to the
+    data's vocabulary, with slimming coefficients when EarlyBERT searches."""
+    if meta is not None:
+        return build_bert_config(meta["model_config"])
+    spec = config.model or build_bert_config("bert-base")
+    overrides: dict[str, Any] = {"vocab_size": data.vocab_size, "pad_token_id": data.tokenizer.pad_token_id}
+    if config.earlybert is not None:
+        overrides["slimming"] = True
+    model = spec.with_updates(**overrides)
+    check_seq_length(data.max_seq_length, model.max_position_embeddings)
+    return model
