@@ -199,7 +199,7 @@ def train_summary(args: argparse.Namespace) -> int:
     """Check a launch/train.py run from its outputs (metrics.jsonl and the latest checkpoint's metadata) and write
     the figures worth reporting. Exit 1 with the reasons when an expectation fails."""
     ensure_repo_importable()
-    from ds_pld.engine import read_checkpoint_meta
+    from ds_pld.checkpoints import read_checkpoint_meta
     from ds_pld.training.metrics import read_metrics
 
     run_dir = Path(args.run_dir)

@@ -63,10 +63,11 @@ def deepspeed_top_level_keys() -> frozenset[str]:
 def check_top_level_keys(raw: Mapping[str, Any]) -> None:
     """A misspelt DeepSpeed key (`gradient_clippin`) would otherwise be ignored by DeepSpeed without a word."""
     ours = (*PLUGIN_BLOCKS, *APPLICATION_BLOCKS)
-    unknown = sorted(set(raw) - set(ours) - deepspeed_top_level_keys())
+    known = deepspeed_top_level_keys() | set(ours)
+    unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {unknown}: neither a ds_pld block {list(ours)} nor a key "
-                          f"DeepSpeed reads{did_you_mean(unknown, deepspeed_top_level_keys() | set(ours))}")
+                          f"DeepSpeed reads{did_you_mean(unknown, known)}")
 
 
 class NamedConfig(dict):

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ds_pld.checkpoints import META_FILE, checkpoint_files, write_atomic
 from ds_pld.config_errors import ConfigError
 
 FOLDER = "universal"
@@ -33,8 +34,6 @@ def convert(checkpoint_dir: Path, tag: str, meta: dict[str, Any]) -> Path:
     """Rank 0: convert `checkpoint_dir/tag` into `checkpoint_dir/universal/tag` unless a complete conversion is
     there already; returns `checkpoint_dir/universal`, the folder to load `tag` from. Raises ConfigError with
     DeepSpeed's own message when it cannot convert."""
-    from ds_pld.engine import META_FILE, checkpoint_files, write_atomic  # the engine imports this module
-
     target = checkpoint_dir / FOLDER / tag
     if (target / META_FILE).is_file():
         return target.parent

@@ -17,7 +17,7 @@ import psutil
 import pytest
 from conftest import ROOT, free_port, launcher_env, tiny_train_config
 
-from ds_pld.engine import read_checkpoint_meta
+from ds_pld.checkpoints import read_checkpoint_meta
 from ds_pld.training.metrics import read_metrics
 
 pytestmark = pytest.mark.slow

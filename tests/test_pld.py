@@ -9,8 +9,8 @@ import torch
 from conftest import SCRIPTS, run_deepspeed
 
 import ds_pld
+from ds_pld.checkpoints import META_FILE
 from ds_pld.config_errors import ConfigError
-from ds_pld.engine import META_FILE
 from ds_pld.models import build_model
 from ds_pld.pld import ProgressiveLayerDrop, drop_seed, expected_layers, keep_probabilities, theta_at
 

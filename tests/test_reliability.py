@@ -22,8 +22,8 @@ import torch
 from conftest import ROOT, free_port, tiny_train_config
 from test_train import TRAIN, env, train
 
+from ds_pld.checkpoints import META_FILE, prune_checkpoints, read_checkpoint_meta, resolve_checkpoint
 from ds_pld.config_errors import ConfigError
-from ds_pld.engine import META_FILE, prune_checkpoints, read_checkpoint_meta, resolve_checkpoint
 from ds_pld.training.config import LRScheduleConfig
 from ds_pld.training.lock import RunFolderBusy, RunFolderLock
 from ds_pld.training.metrics import MetricsFile

@@ -22,7 +22,7 @@ import pytest
 from conftest import ROOT, launcher_env, tiny_train_config
 from wandb_records import history, logged_steps, read_records, run_files
 
-from ds_pld.engine import read_checkpoint_meta
+from ds_pld.checkpoints import read_checkpoint_meta
 from ds_pld.training.metrics import read_metrics
 
 pytestmark = pytest.mark.slow

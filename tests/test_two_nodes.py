@@ -24,7 +24,7 @@ import pytest
 from conftest import ROOT, free_port, launcher_env, tiny_train_config
 from test_reliability import wait_for_steps
 
-from ds_pld.engine import read_checkpoint_meta
+from ds_pld.checkpoints import read_checkpoint_meta
 from ds_pld.training.metrics import read_metrics
 
 pytestmark = pytest.mark.slow

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ds_pld.checkpoints import META_FILE, read_checkpoint_meta
 from ds_pld.config_errors import ConfigError
 from ds_pld.models.bert import BertForPreTraining
 from ds_pld.models.config import build_bert_config
@@ -45,8 +46,6 @@ def _deepspeed_state_dict(checkpoint_dir: Path, tag: str) -> dict[str, torch.Ten
 def load_pretrained(path: str | Path, **config_overrides: Any) -> BertForPreTraining:
     """Load a model from a `save_pretrained` folder or from a DeepSpeed checkpoint folder written by training
     (the one holding `latest`, or one tag folder). Pruned (EarlyBERT) shapes are rebuilt from the saved config."""
-    from ds_pld.engine import META_FILE, read_checkpoint_meta
-
     path = Path(path)
     if (path / CONFIG_FILE).is_file():
         config = build_bert_config(json.loads((path / CONFIG_FILE).read_text()), **config_overrides)

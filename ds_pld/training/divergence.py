@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ds_pld.checkpoints import resolve_checkpoint
 from ds_pld.config_errors import ConfigError
-from ds_pld.engine import DsPldEngine, resolve_checkpoint
+from ds_pld.engine import DsPldEngine
 from ds_pld.training.resume import print0
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from deepspeed import comm as dist
 
-from ds_pld.engine import prune_checkpoints
+from ds_pld.checkpoints import prune_checkpoints
 from ds_pld.models import BertForPreTraining
 from ds_pld.models.io import save_pretrained
 from ds_pld.optim.moments import full_precision_state

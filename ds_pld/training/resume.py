@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ds_pld.checkpoints import resolve_checkpoint
 from ds_pld.config_errors import ConfigError
-from ds_pld.engine import resolve_checkpoint
 
 
 def print0(rank: int, message: str) -> None:
