@@ -33,7 +33,7 @@ TRAIN = str(ROOT / "launch" / "train.py")
 CLUSTER = ROOT / "tests" / "cluster"
 LINK = "pld0"  # the veth end's name inside each namespace: GLOO_SOCKET_IFNAME names the only link gloo may use
 COLLECTIVE_TIMEOUT_S = 60  # DS_PLD_DIST_TIMEOUT_S on both nodes: how long a rank waits for a dead peer
-MAX_STEPS = 300
+MAX_STEPS = 120
 CHECKPOINT_EVERY = 20
 HANG_GUARD_S = 600  # only against a hang
 

