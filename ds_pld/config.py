@@ -18,7 +18,7 @@ from typing import Any
 
 from ds_pld.config_errors import ConfigError, did_you_mean, in_source
 from ds_pld.earlybert.config import EarlyBertConfig
-from ds_pld.models.config import BertConfig, build_bert_config
+from ds_pld.models.config import PLD_NEEDS_PRE_LN, BertConfig, build_bert_config
 from ds_pld.pld import PLDConfig
 
 PLUGIN_BLOCKS = ("progressive_layer_drop", "earlybert", "model")
@@ -153,10 +153,15 @@ def parse_config(source: str | Path | Mapping[str, Any] | DsPldConfig) -> DsPldC
     with in_source(where):
         check_top_level_keys(raw)
         blocks = {name: raw.pop(name, None) for name in (*PLUGIN_BLOCKS, *APPLICATION_BLOCKS)}
+        pld = PLDConfig.from_dict(blocks["progressive_layer_drop"])
+        model = None if blocks["model"] is None else build_bert_config(blocks["model"])
+        if pld.enabled and model is not None and model.layer_norm == "post":
+            raise ConfigError(f"'progressive_layer_drop' is enabled with 'model.layer_norm' = \"post\": "
+                              f"{PLD_NEEDS_PRE_LN}")
         return DsPldConfig(
             deepspeed=raw,
-            pld=PLDConfig.from_dict(blocks["progressive_layer_drop"]),
+            pld=pld,
             earlybert=EarlyBertConfig.from_dict(blocks["earlybert"]),
-            model=None if blocks["model"] is None else build_bert_config(blocks["model"]),
+            model=model,
             source=where,
         )

@@ -273,6 +273,11 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     parsed = parse_config(source)
     if model is None:
         raise ConfigError("ds_pld.initialize needs a model")
+    if parsed.pld.enabled and getattr(getattr(model, "config", None), "layer_norm", None) == "post":
+        from ds_pld.models.config import PLD_NEEDS_PRE_LN
+
+        raise ConfigError(f"progressive_layer_drop is enabled but the model ({type(model).__name__}) is post-LN "
+                          f"(config.layer_norm = \"post\"): {PLD_NEEDS_PRE_LN}")
     passes_seed = check_pld_model(model) if parsed.pld.enabled else False
     zero = parsed.deepspeed.get("zero_optimization") or {}
     if parsed.pld.enabled and zero.get("stage") == 3 and (zero.get("offload_optimizer") or {}).get("device") not in (

@@ -92,6 +92,14 @@ class ProgressiveLayerDrop:
         self.global_step = int(global_step)
         self.current_theta = theta_at(self.global_step, self.theta_bar, self.gamma)
 
+    def set_theta(self, theta: float) -> None:
+        """Override theta for the next optimizer step, for a schedule driven by something other than the step
+        count (a time-budgeted study plans theta by the share of its budget spent); the next step's
+        `update_state` returns to the step schedule."""
+        if not 0.0 < theta <= 1.0:
+            raise ValueError(f"theta = {theta} must be in (0, 1]")
+        self.current_theta = float(theta)
+
     def get_theta(self) -> float:
         return self.current_theta
 

@@ -4,6 +4,8 @@ r"""Fine-tune a pretrained model on GLUE and write a summary table (markdown + J
       --glue_dir data/glue --seeds 1,2,3 --output_dir runs/glue --deepspeed_config ds_configs/glue.json
   python launch/finetune.py --model runs/bert/checkpoints --tasks rte --glue_dir data/glue \
       --output_dir runs/glue_rte --max_steps 100                                # one rank, plain python
+  python launch/finetune.py --model runs/bert/final --tasks wordpos --glue_dir runs/downstream \
+      --output_dir runs/wordpos            # a custom task folder runs/downstream/wordpos/ (launch/make_wordnet_pos.py)
 """
 from __future__ import annotations
 
@@ -35,10 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", required=True,
                         help="pretrained model folder (save_pretrained / <run>/final) or DeepSpeed checkpoint folder")
     parser.add_argument("--tasks", required=True, help="comma-separated GLUE tasks (cola,sst2,mrpc,stsb,qqp,mnli,"
-                                                       "qnli,rte,wnli) or 'all'")
+                                                       "qnli,rte,wnli) or 'all'; any other name is a custom task "
+                                                       "folder <glue_dir>/<name>/ with task.json, train.tsv, dev.tsv")
     parser.add_argument("--glue_dir", default=None,
-                        help="folder in the GLUE TSV layout (<dir>/RTE/train.tsv, dev.tsv); default: the Hugging "
-                             "Face 'glue' dataset (needs the network)")
+                        help="folder in the GLUE TSV layout (<dir>/RTE/train.tsv, dev.tsv), also holding custom task "
+                             "folders (<dir>/<name>/task.json); default: the Hugging Face 'glue' dataset (needs the "
+                             "network; GLUE tasks only)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--deepspeed_config", default=str(ROOT / "ds_configs" / "glue.json"),
                         help="DeepSpeed config with a 'glue' block")

@@ -88,3 +88,12 @@ def tiny_train_config(path: Path, data: Path, training: dict[str, Any] | None = 
     }
     path.write_text(json.dumps(config))
     return path
+
+
+@pytest.fixture
+def synthetic_wordnet(tmp_path: Path) -> Path:
+    """wn.dict.dz of a small synthetic WordNet (tests/dictd_fixtures.py)."""
+    from dictd_fixtures import make_synthetic_wordnet
+
+    return make_synthetic_wordnet(tmp_path / "dictd")
+

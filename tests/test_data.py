@@ -9,6 +9,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from dictd_fixtures import dictd_number
 from transformers import AutoTokenizer
 
 from ds_pld.config_errors import ConfigError
@@ -318,16 +319,6 @@ def dictzip(path: Path, data: bytes) -> Path:
     header = b"\x1f\x8b\x08\x04" + b"\0\0\0\0" + b"\x02\x03" + struct.pack("<H", len(extra)) + extra
     path.write_bytes(header + body + struct.pack("<II", zlib.crc32(data), len(data) & 0xFFFFFFFF))
     return path
-
-
-def dictd_number(value: int) -> str:
-    digits = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-    out = ""
-    while True:
-        out = digits[value % 64] + out
-        value //= 64
-        if not value:
-            return out
 
 
 def write_dictd(folder: Path, entries: list[str], stray: bytes = b"") -> Path:

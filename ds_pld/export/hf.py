@@ -13,6 +13,9 @@ word embeddings) + bias. Two differences are absorbed in the weights:
   zeros in the full-size layer: q/k/v rows (a zero q/k head attends uniformly, so v must be zero too) and the output
   projection's columns of a pruned head, the FFN input rows / bias and output columns of a pruned neuron. Slimming
   coefficients are folded into the output projections. The full-size model then computes the same function.
+
+Only pre-LN models are exported: a post-LN model (`model.layer_norm` = "post") would need `BertForMaskedLM`, which
+is not written yet, and is refused with a ConfigError.
 """
 from __future__ import annotations
 
@@ -88,9 +91,18 @@ def _layer_state(state: dict[str, torch.Tensor], i: int, config: BertConfig) -> 
     return out
 
 
+def check_exportable(config: BertConfig) -> None:
+    """RobertaPreLayerNorm has pre-LN layers and a final LayerNorm; a post-LN model would compute something else."""
+    if config.layer_norm != "pre":
+        raise ConfigError(f"export of a post-LN model ('model.layer_norm' = {config.layer_norm!r}) is not supported "
+                          "yet: the export writes RobertaPreLayerNormForMaskedLM (pre-LN); a post-LN model would need "
+                          "BertForMaskedLM")
+
+
 def hf_state_dict(model: BertForPreTraining) -> dict[str, torch.Tensor]:
     """Our weights under transformers' names, fp32 on the CPU (the NSP head, if any, has no counterpart)."""
     config = model.config
+    check_exportable(config)
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     offset = position_offset(config)
     positions = torch.zeros(config.max_position_embeddings + offset, config.hidden_size)
@@ -120,6 +132,7 @@ def hf_state_dict(model: BertForPreTraining) -> dict[str, torch.Tensor]:
 def to_hf_model(model: BertForPreTraining, tokenizer: PreTrainedTokenizerBase | None = None
                 ) -> RobertaPreLayerNormForMaskedLM:
     """The transformers model computing what `model` computes (in eval mode, on right-padded inputs)."""
+    check_exportable(model.config)
     hf = RobertaPreLayerNormForMaskedLM(hf_config(model.config, tokenizer))
     hf.load_state_dict(hf_state_dict(model), strict=True)
     return hf.eval()
@@ -173,6 +186,7 @@ def export_hf(model: BertForPreTraining | str | Path, output_dir: str | Path,
         if not model_path.exists():
             raise ConfigError(f"model '{model_path}' does not exist")
         model = load_pretrained(model_path)
+    check_exportable(model.config)
     check_finite_weights(model, model_path)
     tok = _load_tokenizer(tokenizer, model_path)
     if tok is not None:

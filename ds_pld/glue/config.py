@@ -5,6 +5,7 @@
     "eval_batch_size": 64, "weight_decay": 0.01, "classifier_dropout": 0.1, "seeds": [1, 2, 3],
     "aggregate": "median",
     "tasks": {"rte": {"learning_rate": 7e-5, "epochs": 10}, ...},     # per-task overrides of the five above
+                                                                       # (custom tasks too, given the glue_dir)
     "earlybert": {...}                                                 # optional: EarlyBERT fine-tuning mode
   }
 
@@ -24,7 +25,7 @@ from pydantic import Field
 from ds_pld.config import load_config_dict
 from ds_pld.config_errors import ConfigError, Float, Int, config_block, in_source, parse_block
 from ds_pld.earlybert.config import EarlyBertConfig
-from ds_pld.glue.tasks import get_task
+from ds_pld.glue.tasks import get_task, task_key
 
 BLOCK = "glue"
 # DeepSpeed keys the glue block decides; pretraining-only blocks that would be silently ignored here.
@@ -61,7 +62,8 @@ class GlueConfig:
     earlybert: EarlyBertConfig | None = None
 
     def settings(self, task: str) -> TaskSettings:
-        return self.tasks.get(get_task(task).name, self.defaults)
+        """The task's settings; a task without overrides (a custom task, say) gets the defaults."""
+        return self.tasks.get(task_key(task), self.defaults)
 
     def with_overrides(self, epochs: float | None = None, seeds: tuple[int, ...] | None = None) -> GlueConfig:
         """Command-line overrides: `epochs` for every task, the seed list."""
@@ -78,8 +80,9 @@ class GlueConfig:
         return config
 
     @classmethod
-    def from_dict(cls, block: Mapping[str, Any] | None) -> GlueConfig:
-        """The block holds the default task settings flat; `tasks.<name>` overrides them for one task."""
+    def from_dict(cls, block: Mapping[str, Any] | None, glue_dir: str | Path | None = None) -> GlueConfig:
+        """The block holds the default task settings flat; `tasks.<name>` overrides them for one task (a GLUE task,
+        or a custom task folder in `glue_dir`)."""
         block = {} if block is None else block
         if not isinstance(block, Mapping):
             raise ConfigError(f"'{BLOCK}' must be a JSON object, got {type(block).__name__}")
@@ -91,7 +94,7 @@ class GlueConfig:
         for name, overrides in per_task.items():
             where = f"{BLOCK}.tasks.{name}"
             try:
-                task = get_task(name)
+                task = get_task(name, glue_dir)
             except ConfigError as err:
                 raise ConfigError(f"'{where}': {err}") from None
             if not isinstance(overrides, Mapping):
@@ -103,11 +106,13 @@ class GlueConfig:
         return parse_block(cls, rest, BLOCK, derived=derived, also_allowed=(*TASK_KEYS, "tasks", "earlybert"))
 
 
-def parse_glue_config(source: str | Path | Mapping[str, Any]) -> tuple[GlueConfig, dict[str, Any]]:
-    """(the glue block, the rest of the config for `ds_pld.initialize`). Errors name the key and the file."""
+def parse_glue_config(source: str | Path | Mapping[str, Any], glue_dir: str | Path | None = None
+                      ) -> tuple[GlueConfig, dict[str, Any]]:
+    """(the glue block, the rest of the config for `ds_pld.initialize`). Errors name the key and the file.
+    `glue_dir`: where custom tasks named in `glue.tasks` are looked up."""
     raw, where = load_config_dict(source)
     with in_source(where):
-        glue = GlueConfig.from_dict(raw.pop(BLOCK, None))
+        glue = GlueConfig.from_dict(raw.pop(BLOCK, None), glue_dir)
         for key in OWNED_DEEPSPEED_KEYS:
             if key in raw:
                 raise ConfigError(f"'{key}' is set by the '{BLOCK}' block in fine-tuning (batch_size, warmup_ratio); "

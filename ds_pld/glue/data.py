@@ -1,6 +1,8 @@
 """GLUE data: the original TSV layout (`<glue_dir>/SST-2/train.tsv`, `dev.tsv`; MNLI `dev_matched.tsv` /
 `dev_mismatched.tsv`; CoLA without a header) or the Hugging Face `glue` dataset (online only), normalized to
-`datasets.Dataset`s with the columns `text_a`, (`text_b`,) `label`; then tokenized for the encoder.
+`datasets.Dataset`s with the columns `text_a`, (`text_b`,) `label`; then tokenized for the encoder. A custom task
+(`<glue_dir>/<name>/task.json`, see `ds_pld.glue.tasks`) reads `<glue_dir>/<name>/train.tsv` and `dev.tsv` (with a
+header row) the same way; it has no hub copy.
 
 The TSVs are read with quoting off: GLUE sentences contain unbalanced quote characters."""
 from __future__ import annotations
@@ -86,6 +88,10 @@ def load_glue_tsv(task: GlueTask, glue_dir: str | Path) -> GlueSplits:
 def load_glue_hub(task: GlueTask) -> GlueSplits:
     """The Hugging Face `glue` dataset (needs the network or a filled datasets cache)."""
     from datasets import load_dataset
+
+    if task.is_custom:
+        raise ConfigError(f"custom task {task.name!r} has no Hugging Face dataset; pass --glue_dir with its folder "
+                          f"<glue_dir>/{task.folder}/")
 
     def normalize(split: str) -> Dataset:
         data = load_dataset(HUB_DATASET, task.name, split=split)

@@ -46,11 +46,11 @@ def prepare(model: str | Path, tasks: str | list[str], deepspeed_config: str | P
             ) -> tuple[GlueConfig, dict[str, Any], list[GlueTask], BertForPreTraining, PreTrainedTokenizerBase,
                        dict[str, GlueSplits]]:
     """Everything a job needs, validated before any training: config, tasks, tokenizer, model, data."""
-    glue, base = parse_glue_config(deepspeed_config)
+    glue, base = parse_glue_config(deepspeed_config, glue_dir)
     glue = glue.with_overrides(epochs=epochs, seeds=seeds)
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
         raise ConfigError(f"--max_steps = {max_steps!r} must be a positive integer")
-    task_list = parse_tasks(tasks)
+    task_list = parse_tasks(tasks, glue_dir)  # custom task folders in glue_dir resolve too
     check_model_exists(model)  # before the tokenizer, which is looked up beside the model
     tok = resolve_tokenizer(model, tokenizer)
     pretrained = load_encoder(model, slimming=glue.earlybert is not None)

@@ -1,5 +1,8 @@
 """A GLUE job's summary: per entry the metrics of every seed and their aggregate, the entry scores and the GLUE
-average, as JSON (`glue_summary.json`) and a markdown table (`glue_summary.md`)."""
+average, as JSON (`glue_summary.json`) and a markdown table (`glue_summary.md`).
+
+Custom tasks (`task.json` folders) get rows like the GLUE tasks but stay out of the GLUE average, so the average
+remains comparable with the papers'."""
 from __future__ import annotations
 
 import math
@@ -7,8 +10,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ds_pld.config_errors import ConfigError
 from ds_pld.glue.metrics import aggregate, glue_average, task_score
-from ds_pld.glue.tasks import EXCLUDED_FROM_AVERAGE, TABLE_ORDER, get_task
+from ds_pld.glue.tasks import EXCLUDED_FROM_AVERAGE, GLUE_TASKS, TABLE_ORDER, get_task
 from ds_pld.training.metrics import write_json
 
 if TYPE_CHECKING:
@@ -25,15 +29,25 @@ def _entry_order(entry: str) -> tuple[int, str]:
 
 
 def _display(entry: str) -> str:
+    """`RTE`, `MNLI-m`; a custom task's entry is shown as it is named."""
     task, _, dev = entry.partition("-")
-    name = get_task(task).display
+    try:
+        name = get_task(task).display
+    except ConfigError:
+        return entry
     return f"{name}-{dev}" if dev else name
+
+
+def _in_glue_average(entry: str) -> bool:
+    """A GLUE task's entry that the average counts: not WNLI, not a custom task."""
+    task = entry.split("-")[0]
+    return task in GLUE_TASKS and task not in EXCLUDED_FROM_AVERAGE
 
 
 def summarize(results: list[RunResult], how: str, model: str | None = None) -> dict[str, Any]:
     """Per entry: the metrics of every seed, their aggregate (`how`: median or mean, per metric), and the entry
     score = aggregate over seeds of the per-seed score (mean of the entry's metrics, x100); then the GLUE average
-    of the entry scores."""
+    of the GLUE entries' scores (custom tasks left out)."""
     entries: dict[str, dict[str, Any]] = {}
     for result in results:
         for entry, metrics in result.dev.items():
@@ -48,11 +62,11 @@ def summarize(results: list[RunResult], how: str, model: str | None = None) -> d
                               for m in item["metrics"]}
         item["score"] = aggregate(item["per_seed_score"].values(), how)
         ordered[entry] = item
-    scores = {entry: item["score"] for entry, item in ordered.items()}
+    scores = {entry: item["score"] for entry, item in ordered.items() if _in_glue_average(entry)}
     return {"model": None if model is None else str(model), "aggregate": how,
             "seeds": sorted({result.seed for result in results}), "entries": ordered,
             "glue_average": glue_average(scores),
-            "average_over": [e for e in ordered if e.split("-")[0] not in EXCLUDED_FROM_AVERAGE],
+            "average_over": [e for e in ordered if _in_glue_average(e)],
             "runs": [result.to_dict() for result in results]}
 
 

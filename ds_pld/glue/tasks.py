@@ -2,10 +2,25 @@
 hold the text and the label, and how they are scored.
 
 Label ids follow the Hugging Face `glue` dataset, so a model fine-tuned from TSV files and one fine-tuned from the hub
-agree on what label 0 means."""
+agree on what label 0 means.
+
+Custom tasks: a folder `<glue_dir>/<name>/` holding `task.json`, `train.tsv` and `dev.tsv` (header row) is a task
+too, resolved by name when `glue_dir` is given (GLUE names always win). `task.json`:
+
+  {"name": "wordpos", "text_columns": ["sentence"], "label_column": "label", "labels": ["n", "v", "adj", "adv"],
+   "metrics": ["accuracy"], "description": "optional free text"}
+
+`labels` lists the label strings in id order (null: regression); `metrics` are GLUE metrics that fit the task
+(`CLASSIFICATION_METRICS`, f1 only with two labels, label id 1 positive; or `REGRESSION_METRICS`). The name is
+lowercase letters, digits and underscores and must be the folder's name. A custom task is not part of the GLUE
+average."""
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from ds_pld.config_errors import ConfigError
 
@@ -50,6 +65,11 @@ class GlueTask:
     def entries(self) -> list[str]:
         return [self.entry_name(dev) for dev, _ in self.dev_files]
 
+    @property
+    def is_custom(self) -> bool:
+        """A task defined by a `task.json` folder, not one of the GLUE tasks."""
+        return self.name not in GLUE_TASKS
+
 
 _BINARY = ("0", "1")
 _ACC = ("accuracy",)
@@ -86,17 +106,115 @@ TABLE_ORDER = ("rte", "mrpc", "stsb", "cola", "sst2", "qnli", "qqp", "mnli-m", "
 EXCLUDED_FROM_AVERAGE = ("wnli",)
 
 
-def get_task(name: str) -> GlueTask:
-    """The task named `name` (case-insensitive; GLUE folder names such as `SST-2` work too)."""
+TASK_FILE = "task.json"
+CLASSIFICATION_METRICS = ("accuracy", "f1", "matthews_correlation")
+REGRESSION_METRICS = ("pearson", "spearman")
+_REQUIRED_KEYS = ("name", "text_columns", "label_column", "labels", "metrics")
+_OPTIONAL_KEYS = ("description",)
+_CUSTOM_NAME = re.compile(r"[a-z0-9][a-z0-9_]*")
+
+
+def task_key(name: str) -> str:
+    """The name a task is filed under: a GLUE task's canonical name (`SST-2` -> `sst2`), else the name lower-cased
+    (a custom task's name)."""
     key = name.strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in GLUE_TASKS:
-        raise ConfigError(f"unknown GLUE task {name!r}; known tasks: {', '.join(GLUE_TASKS)}")
-    return GLUE_TASKS[key]
+    return _ALIASES.get(key, key)
 
 
-def parse_tasks(spec: str | list[str] | tuple[str, ...]) -> list[GlueTask]:
-    """`rte,mrpc,...` (or `all`) as a list of tasks without duplicates, in the given order."""
+def _task_file_error(path: Path, message: str) -> ConfigError:
+    return ConfigError(f"custom task file '{path}': {message}")
+
+
+def _string_list(path: Path, key: str, value: Any, lengths: tuple[int, ...] | None = None) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise _task_file_error(path, f"'{key}' = {value!r} must be a list of non-empty strings")
+    if len(set(value)) != len(value):
+        raise _task_file_error(path, f"'{key}' = {value!r} holds duplicates")
+    if lengths is not None and len(value) not in lengths:
+        raise _task_file_error(path, f"'{key}' = {value!r} must hold {' or '.join(map(str, lengths))} item(s)")
+    return tuple(value)
+
+
+def load_custom_task(path: str | Path) -> GlueTask:
+    """A custom task's `task.json` (the file, or its folder) validated into a GlueTask; errors are one line naming
+    the file and the key."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / TASK_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _task_file_error(path, "does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise _task_file_error(path, f"cannot be read: {err}") from None
+    except json.JSONDecodeError as err:
+        raise _task_file_error(path, f"not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(raw, dict):
+        raise _task_file_error(path, f"must hold a JSON object, got {type(raw).__name__}")
+    missing = [key for key in _REQUIRED_KEYS if key not in raw]
+    if missing:
+        raise _task_file_error(path, f"missing key(s) {missing} (required: {list(_REQUIRED_KEYS)})")
+    unknown = sorted(set(raw) - set(_REQUIRED_KEYS) - set(_OPTIONAL_KEYS))
+    if unknown:
+        raise _task_file_error(path, f"unknown key(s) {unknown}; allowed: {[*_REQUIRED_KEYS, *_OPTIONAL_KEYS]}")
+    name = raw["name"]
+    if not isinstance(name, str) or not _CUSTOM_NAME.fullmatch(name):
+        raise _task_file_error(path, f"'name' = {name!r} must be lowercase letters, digits and underscores")
+    if name in GLUE_TASKS or name in _ALIASES:
+        raise _task_file_error(path, f"'name' = {name!r} is a GLUE task's name; pick another")
+    if name != path.parent.name:
+        raise _task_file_error(path, f"'name' = {name!r} must be the name of its folder '{path.parent.name}'")
+    text_columns = _string_list(path, "text_columns", raw["text_columns"], lengths=(1, 2))
+    label_column = raw["label_column"]
+    if not isinstance(label_column, str) or not label_column.strip():
+        raise _task_file_error(path, f"'label_column' = {label_column!r} must be a non-empty string")
+    if label_column in text_columns:
+        raise _task_file_error(path, f"'label_column' = {label_column!r} is also a text column")
+    labels = raw["labels"]
+    if labels is not None:
+        labels = _string_list(path, "labels", labels)
+        if len(labels) < 2:
+            raise _task_file_error(path, f"'labels' = {list(labels)} must hold at least 2 labels (null: regression)")
+    metrics = _string_list(path, "metrics", raw["metrics"])
+    if not metrics:
+        raise _task_file_error(path, "'metrics' must name at least one metric")
+    fitting = REGRESSION_METRICS if labels is None else CLASSIFICATION_METRICS
+    wrong = [m for m in metrics if m not in fitting]
+    if wrong:
+        kind = "a regression ('labels' null)" if labels is None else "a classification"
+        raise _task_file_error(path, f"'metrics' = {list(metrics)}: {wrong} unknown or not for {kind} task; "
+                                     f"choose from {list(fitting)}")
+    if "f1" in metrics and len(labels) != 2:
+        raise _task_file_error(path, f"'metrics' = {list(metrics)}: f1 needs exactly 2 labels, 'labels' has "
+                                     f"{len(labels)}")
+    description = raw.get("description")
+    if description is not None and not isinstance(description, str):
+        raise _task_file_error(path, f"'description' = {description!r} must be a string")
+    return GlueTask(name, name, name, text_columns, label_column, labels, metrics, hub_columns=(),
+                    hub_dev_splits=())
+
+
+def get_task(name: str, glue_dir: str | Path | None = None) -> GlueTask:
+    """The task named `name` (case-insensitive; GLUE folder names such as `SST-2` work too); a name that is not a
+    GLUE task's is a custom task when `<glue_dir>/<name>/task.json` exists."""
+    key = task_key(name)
+    if key in GLUE_TASKS:
+        return GLUE_TASKS[key]
+    if glue_dir is None:
+        where = "which needs --glue_dir"
+    elif not _CUSTOM_NAME.fullmatch(key):
+        where = "whose name is lowercase letters, digits and underscores"
+    elif (Path(glue_dir) / key / TASK_FILE).is_file():
+        return load_custom_task(Path(glue_dir) / key / TASK_FILE)
+    else:
+        where = f"'{Path(glue_dir) / key / TASK_FILE}' does not exist"
+    raise ConfigError(f"unknown GLUE task {name!r}; known tasks: {', '.join(GLUE_TASKS)}, or a custom task folder "
+                      f"<glue_dir>/<name>/{TASK_FILE} ({where})")
+
+
+def parse_tasks(spec: str | list[str] | tuple[str, ...], glue_dir: str | Path | None = None) -> list[GlueTask]:
+    """`rte,mrpc,...` (or `all`) as a list of tasks without duplicates, in the given order; with `glue_dir`, custom
+    task folders resolve by name too."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     names = [n for n in (name.strip() for name in names) if n]
     if names == ["all"]:
@@ -105,7 +223,7 @@ def parse_tasks(spec: str | list[str] | tuple[str, ...]) -> list[GlueTask]:
         raise ConfigError("no GLUE task given; pass e.g. --tasks rte,mrpc")
     tasks: list[GlueTask] = []
     for name in names:
-        task = get_task(name)
+        task = get_task(name, glue_dir)
         if task not in tasks:
             tasks.append(task)
     return tasks

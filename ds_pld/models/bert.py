@@ -1,4 +1,4 @@
-"""Pre-LN BERT with switchable layers for Progressive Layer Dropping.
+"""BERT with switchable layers for Progressive Layer Dropping: pre-LN (the default), or post-LN as a baseline.
 
 Layer l (1-based) in training with PLD:  h = x + G * Attn(LN(x)) / p_l,  y = h + G * FFN(LN(h)) / p_l,
 G ~ Bernoulli(p_l). A dropped layer is skipped in Python: no forward, no backward. ZeRO-3 fetches each layer as one
@@ -6,6 +6,10 @@ unit (a ZeRO-3 leaf), so a dropped layer is not gathered either; unless `ds_pld.
 the whole encoder the unit before the engine was built, which gathers dropped layers too but keeps ZeRO-3's prefetch
 trace valid under PLD (issue 14). In eval mode every layer runs, unscaled. The forward accepts DeepSpeed's old PLD
 keyword arguments (`progressive_layer_drop`, `pld_theta`) plus `pld_seed`, which makes the drop decisions reproducible.
+
+With `layer_norm="post"` (`PostLNLayer`) each layer is the original BERT layer, h = LN1(x + Attn(x)),
+y = LN2(h + FFN(h)), with the same parameter names (LN1 is `attn_norm`, LN2 `ffn_norm`) and no final encoder
+LayerNorm. PLD's identity-able residual is pre-LN, so a post-LN model refuses to drop layers.
 """
 from __future__ import annotations
 
@@ -18,8 +22,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
 
+from ds_pld.config_errors import ConfigError
 from ds_pld.kernels import build_ops
-from ds_pld.models.config import BertConfig, build_bert_config
+from ds_pld.models.config import PLD_NEEDS_PRE_LN, BertConfig, build_bert_config
 from ds_pld.pld import keep_probabilities, sample_keep_mask
 
 IGNORE_INDEX = -100
@@ -58,7 +63,8 @@ class BertEmbeddings(nn.Module):
 
 
 class PreLNLayer(nn.Module):
-    """One transformer layer; `num_heads` and `intermediate` may be smaller than the config's after EarlyBERT."""
+    """One pre-LN transformer layer; `num_heads` and `intermediate` may be smaller than the config's after
+    EarlyBERT. `PostLNLayer` reuses its parameters and attention."""
 
     def __init__(self, config: BertConfig, num_heads: int, intermediate: int, ops):
         super().__init__()
@@ -97,12 +103,31 @@ class PreLNLayer(nn.Module):
         h = ops.layer_norm(x, self.attn_norm.weight, self.attn_norm.bias, self.eps)
         h = F.linear(self.attention(h, attn_mask), self.attn_out.weight)
         x = ops.bias_dropout_residual(h, self.attn_out.bias, x, self.hidden_dropout, scale, training)
-        h = ops.layer_norm(x, self.ffn_norm.weight, self.ffn_norm.bias, self.eps)
-        h = ops.bias_gelu(F.linear(h, self.ffn_in.weight), self.ffn_in.bias)
+        h = self.ffn(ops.layer_norm(x, self.ffn_norm.weight, self.ffn_norm.bias, self.eps))
+        return ops.bias_dropout_residual(h, self.ffn_out.bias, x, self.hidden_dropout, scale, training)
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        """FFN(x) before its output bias (which the fused residual op adds)."""
+        h = self.ops.bias_gelu(F.linear(x, self.ffn_in.weight), self.ffn_in.bias)
         if self.ffn_coef is not None:
             h = h * self.ffn_coef.to(h.dtype)
-        h = F.linear(h, self.ffn_out.weight)
-        return ops.bias_dropout_residual(h, self.ffn_out.bias, x, self.hidden_dropout, scale, training)
+        return F.linear(h, self.ffn_out.weight)
+
+
+class PostLNLayer(PreLNLayer):
+    """The original BERT layer: h = LN1(x + dropout(Attn(x))), y = LN2(h + dropout(FFN(h))). Same parameters,
+    attention and slimming coefficients as `PreLNLayer` (LN1 is `attn_norm`, LN2 `ffn_norm`). The LayerNorm sits on
+    the residual stream, so the layer is never skipped or scaled (`scale` must be 1)."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, scale: float = 1.0) -> torch.Tensor:
+        if scale != 1.0:
+            raise ConfigError(f"a post-LN layer cannot be scaled for PLD (scale = {scale}): {PLD_NEEDS_PRE_LN}")
+        ops, training = self.ops, self.training
+        h = F.linear(self.attention(x, attn_mask), self.attn_out.weight)
+        x = ops.bias_dropout_residual(h, self.attn_out.bias, x, self.hidden_dropout, 1.0, training)
+        x = ops.layer_norm(x, self.attn_norm.weight, self.attn_norm.bias, self.eps)
+        y = ops.bias_dropout_residual(self.ffn(x), self.ffn_out.bias, x, self.hidden_dropout, 1.0, training)
+        return ops.layer_norm(y, self.ffn_norm.weight, self.ffn_norm.bias, self.eps)
 
 
 class BertEncoder(nn.Module):
@@ -110,14 +135,20 @@ class BertEncoder(nn.Module):
         super().__init__()
         ops = build_ops(config.kernels)
         self.config = config
+        self.post_ln = config.layer_norm == "post"
+        layer = PostLNLayer if self.post_ln else PreLNLayer
         self.layers = nn.ModuleList(
-            PreLNLayer(config, config.heads(i), config.intermediate(i), ops) for i in range(config.num_layers))
-        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            layer(config, config.heads(i), config.intermediate(i), ops) for i in range(config.num_layers))
+        # Post-LN layers end in a LayerNorm already; the identity has no parameters, so pre-LN keys are unchanged.
+        self.final_norm = nn.Identity() if self.post_ln else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, progressive_layer_drop: bool,
                 pld_theta: float, pld_seed: int | None) -> tuple[torch.Tensor, int]:
         num_layers = len(self.layers)
         use_pld = self.training and progressive_layer_drop
+        if use_pld and self.post_ln:
+            raise ConfigError(f"asked to drop layers (progressive_layer_drop=True) of a post-LN model: "
+                              f"{PLD_NEEDS_PRE_LN}")
         keep = sample_keep_mask(pld_theta, num_layers, pld_seed) if use_pld else [True] * num_layers
         scales = [1.0 / p for p in keep_probabilities(pld_theta, num_layers)] if use_pld else [1.0] * num_layers
         recompute = self.training and self.config.gradient_checkpointing and torch.is_grad_enabled()
@@ -143,7 +174,8 @@ class MLMHead(nn.Module):
 
 
 class BertForPreTraining(nn.Module):
-    """Pre-LN BERT with an MLM head (and an optional next-sentence / sentence-order head)."""
+    """BERT (pre-LN, or post-LN with `layer_norm="post"`) with an MLM head (and an optional next-sentence /
+    sentence-order head)."""
 
     def __init__(self, config: BertConfig):
         super().__init__()

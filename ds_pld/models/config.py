@@ -14,6 +14,13 @@ BLOCK = "model"
 Size = Annotated[Int, Field(gt=0)]
 Dropout = Annotated[Float, Field(ge=0.0, lt=1.0)]
 Widths = tuple[Annotated[Int, Field(ge=0)], ...]
+# "pre": the pre-LN layer PLD was designed for (the default); "post": the original BERT layer, as a baseline.
+LAYER_NORMS = ("pre", "post")
+# Why PLD refuses a post-LN model (at config parse, in ds_pld.initialize and in the model's forward).
+PLD_NEEDS_PRE_LN = ("PLD's switchable layer (a residual branch skipped as an identity, kept branches scaled by 1/p) "
+                    "is the pre-LN layer of the paper; a post-LN layer normalizes the residual stream itself, so it "
+                    "cannot be dropped that way. Set 'model.layer_norm' to \"pre\" or disable "
+                    "'progressive_layer_drop'")
 
 PRESETS: dict[str, dict[str, int]] = {
     # CPU-sized models for tests and the quick start.
@@ -29,8 +36,9 @@ PRESETS: dict[str, dict[str, int]] = {
 
 @config_block
 class BertConfig:
-    """Shape and behaviour of the pre-LN BERT. `layer_heads`/`layer_intermediate` hold the widths that EarlyBERT
-    kept in each layer (None: every layer has `num_heads` heads and `intermediate_size` FFN neurons)."""
+    """Shape and behaviour of the BERT: pre-LN (default) or the original post-LN (`layer_norm`).
+    `layer_heads`/`layer_intermediate` hold the widths that EarlyBERT kept in each layer (None: every layer has
+    `num_heads` heads and `intermediate_size` FFN neurons)."""
 
     vocab_size: Size = 30522
     hidden_size: Size = 768
@@ -47,6 +55,7 @@ class BertConfig:
     next_sentence_head: Bool = False
     gradient_checkpointing: Bool = False
     kernels: Annotated[Str, AfterValidator(one_of(BACKENDS))] = "auto"
+    layer_norm: Annotated[Str, AfterValidator(one_of(LAYER_NORMS))] = "pre"
     slimming: Bool = False
     layer_heads: Widths | None = None
     layer_intermediate: Widths | None = None

@@ -48,7 +48,9 @@ class TrainingConfig:
 
 @config_block
 class DataConfig:
-    """Where the packed dataset comes from: a prepared folder (`path`) or a corpus prepared on first use."""
+    """Where the packed dataset comes from: a prepared folder (`path`) or a corpus prepared on first use.
+    `train_sequences` keeps only the first N packed training sequences, for data-limited runs that repeat a small
+    corpus for many epochs (the validation split is unchanged)."""
 
     path: Str | None = None
     corpus: Names = ()
@@ -57,6 +59,7 @@ class DataConfig:
     vocab_size: Annotated[Int, Field(ge=64)] = 8192
     validation_fraction: OpenFraction = 0.05
     mlm_probability: OpenFraction = 0.15
+    train_sequences: Annotated[Int, Field(ge=1)] | None = None  # use only the first N training sequences
     encoding_errors: Annotated[Str, AfterValidator(one_of(ENCODING_ERRORS))] = "strict"
 
     @classmethod

@@ -1,11 +1,13 @@
 """A pretraining run's inputs: the packed dataset (prepared on first use) and the model config it fits."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from deepspeed import comm as dist
 
+from ds_pld.config_errors import ConfigError
 from ds_pld.data import PretrainingData, check_seq_length, load_pretraining_data, prepare_dataset
 from ds_pld.models import BertConfig, build_bert_config
 from ds_pld.training.config import RunConfig
@@ -23,6 +25,12 @@ def load_data(config: RunConfig, output_dir: Path, rank: int) -> PretrainingData
                         encoding_errors=data.encoding_errors)
     dist.barrier()
     loaded = load_pretraining_data(path)
+    if data.train_sequences is not None:
+        available = len(loaded.train)
+        if data.train_sequences > available:
+            raise ConfigError(f"'data.train_sequences' = {data.train_sequences} exceeds the {available} training "
+                              f"sequences in '{loaded.path}'")
+        loaded = dataclasses.replace(loaded, train=loaded.train.select(range(data.train_sequences)))
     if rank == 0:
         loaded.tokenizer.save_pretrained(str(output_dir / "tokenizer"))
     return loaded

@@ -1,0 +1,171 @@
+"""What the study runs: the regimes, their arms and seeds, and the groups of runs that train interleaved in one
+process. A run is identified by everything that decides its result (not by the regime that asked for it), so a run
+two regimes need, such as the pre-LN baseline at the chosen learning rate, is trained once and shared.
+
+Order, as the dependencies allow (`ready_groups` returns what can start given the results so far):
+1. learning-rate sweeps, seed 0: the pre-LN baseline and the post-LN baseline over the same grid; the pre-LN
+   learning rate of every regime is the pre-LN sweep's best, the post-LN one the post-LN sweep's best;
+2. data-rich, seed 0: PLD at each theta_bar of the sweep, and EarlyBERT;
+3. with theta_bar chosen (lowest validation loss of the sweep): data-rich seeds 1.., PLD + EarlyBERT at every
+   seed, data-limited at every seed, and the post-LN baseline at the remaining seeds.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+ARMS = ("baseline", "pld", "earlybert", "pld+earlybert")
+DATA_RICH, DATA_LIMITED, POST_LN = "data-rich", "data-limited", "post-ln"
+REGIMES = (DATA_RICH, DATA_LIMITED, POST_LN)
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """Everything the study's runs share, set once from the command line (docs/benchmarks.md names the values)."""
+
+    budget_s: float
+    layers: int
+    hidden: int
+    heads: int
+    batch: int
+    lr_grid: tuple[float, ...]
+    thetas: tuple[float, ...]
+    seeds: tuple[int, ...]
+    warmup: float = 0.06
+    gamma_budget: float = 100.0
+    dropout: float = 0.0
+    limited_dropout: float = 0.1
+    limited_sequences: int = 2048
+    head_prune: float = 1 / 3
+    ffn_prune: float = 0.4
+    search_fraction: float = 0.1
+    earlybert_lambda: float = 1e-4
+    budget_factors: Mapping[str, float] = field(default_factory=dict)  # --steps_factor: a manual override per arm
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run. `theta` only for PLD arms; `train_sequences` only in the data-limited regime."""
+
+    arm: str
+    seed: int
+    lr: float
+    layer_norm: str = "pre"
+    theta: float | None = None
+    dropout: float = 0.0
+    train_sequences: int | None = None
+    budget_s: float = 0.0
+
+    @property
+    def key(self) -> str:
+        """A readable, unique name: the arm, seed and a hash of the whole spec."""
+        digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.arm.replace('+', '_')}-{self.layer_norm}ln-s{self.seed}-{digest}"
+
+    @property
+    def uses_pld(self) -> bool:
+        return "pld" in self.arm.split("+")
+
+    @property
+    def uses_earlybert(self) -> bool:
+        return "earlybert" in self.arm.split("+")
+
+
+@dataclass(frozen=True)
+class Group:
+    """Runs trained interleaved in one process; `name` is for logs."""
+
+    name: str
+    runs: tuple[RunSpec, ...]
+
+
+def spec(settings: StudySettings, arm: str, seed: int, lr: float, **changes: Any) -> RunSpec:
+    base = RunSpec(arm=arm, seed=seed, lr=lr, dropout=settings.dropout,
+                   budget_s=settings.budget_s * settings.budget_factors.get(arm, 1.0))
+    return replace(base, **changes)
+
+
+def best_loss(result: Mapping[str, Any] | None) -> float:
+    """A run's lowest validation loss; inf for a diverged run (so it never wins a sweep)."""
+    if result is None or result.get("diverged_at") is not None:
+        return math.inf
+    return min(float(point["val_loss"]) for point in result["curve"])
+
+
+def best(candidates: Mapping[float, RunSpec], results: Mapping[str, Any]) -> float | None:
+    """The candidate value whose run reached the lowest validation loss (ties: the larger value); None until every
+    run is done."""
+    if any(run.key not in results for run in candidates.values()):
+        return None
+    return min(candidates, key=lambda value: (best_loss(results[candidates[value].key]), -value))
+
+
+def lr_sweep(settings: StudySettings, layer_norm: str) -> dict[float, RunSpec]:
+    return {lr: spec(settings, "baseline", settings.seeds[0], lr, layer_norm=layer_norm) for lr in settings.lr_grid}
+
+
+def theta_sweep(settings: StudySettings, lr: float) -> dict[float, RunSpec]:
+    return {theta: spec(settings, "pld", settings.seeds[0], lr, theta=theta) for theta in settings.thetas}
+
+
+@dataclass(frozen=True)
+class Choices:
+    """What the sweeps picked so far (None: not yet known)."""
+
+    pre_lr: float | None
+    post_lr: float | None
+    theta: float | None
+
+
+def choices(settings: StudySettings, results: Mapping[str, Any]) -> Choices:
+    pre_lr = best(lr_sweep(settings, "pre"), results)
+    theta = None if pre_lr is None else best(theta_sweep(settings, pre_lr), results)
+    return Choices(pre_lr, best(lr_sweep(settings, "post"), results), theta)
+
+
+def regime_runs(settings: StudySettings, regime: str, picked: Choices) -> dict[tuple[str, int], RunSpec] | None:
+    """(arm, seed) -> run of a regime once its settings are chosen; None before."""
+    if picked.pre_lr is None or picked.theta is None:
+        return None
+    lr, theta = picked.pre_lr, picked.theta
+    if regime == POST_LN:
+        if picked.post_lr is None:
+            return None
+        arms = {"post-ln baseline": dict(arm="baseline", lr=picked.post_lr, layer_norm="post"),
+                "pre-ln baseline": dict(arm="baseline", lr=lr), "pre-ln + pld": dict(arm="pld", lr=lr, theta=theta)}
+        return {(name, seed): spec(settings, seed=seed, **fields) for name, fields in arms.items()
+                for seed in settings.seeds}
+    extra: dict[str, Any] = {}
+    if regime == DATA_LIMITED:
+        extra = dict(dropout=settings.limited_dropout, train_sequences=settings.limited_sequences)
+    return {(arm, seed): spec(settings, arm, seed, lr, theta=theta if "pld" in arm else None, **extra)
+            for arm in ARMS for seed in settings.seeds}
+
+
+def ready_groups(settings: StudySettings, results: Mapping[str, Any]) -> list[Group]:
+    """Groups whose runs are all determined and not all finished (finished runs are left out of them), in order."""
+    picked = choices(settings, results)
+    groups = [Group("lr sweep pre-LN", tuple(lr_sweep(settings, "pre").values())),
+              Group("lr sweep post-LN", tuple(lr_sweep(settings, "post").values()))]
+    if picked.pre_lr is not None:
+        seed0 = settings.seeds[0]
+        groups.append(Group("theta sweep + earlybert, data-rich seed 0",
+                            (*theta_sweep(settings, picked.pre_lr).values(),
+                             spec(settings, "earlybert", seed0, picked.pre_lr))))
+    for regime in REGIMES:
+        runs = regime_runs(settings, regime, picked)
+        for seed in settings.seeds if runs else ():
+            groups.append(Group(f"{regime} seed {seed}",
+                                tuple(run for (_, s), run in runs.items() if s == seed)))
+    ready = []
+    seen: set[str] = set()
+    for group in groups:
+        todo = tuple(run for run in group.runs if run.key not in results and run.key not in seen)
+        seen.update(run.key for run in todo)
+        if todo:
+            ready.append(Group(group.name, todo))
+    return ready

@@ -1,0 +1,185 @@
+"""Running the study: the calibration, the groups of interleaved runs and the fine-tunings, each in a worker process
+of its own, as many at once as `--workers` (one per core on the CPU, each with one torch thread), in the order the
+plan allows. Every unit writes its result file when it finishes (ttq/store.py), so the study can be stopped and
+rerun at any time."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .arm import Arm, earlybert_search_steps, run_config
+from .budget import Budget
+from .plan import DATA_RICH, Group, RunSpec, StudySettings, choices, ready_groups, regime_runs
+from .store import CALIBRATION, DOWNSTREAM, RESULTS, read_folder, read_json, write_atomic
+
+CALIBRATION_STEPS = (2, 8)  # warm-up steps, timed steps
+CHUNK = 5  # steps an arm runs before the next arm's turn
+
+
+def _setup(device: str, threads: int | None) -> None:
+    os.environ.setdefault("DS_ACCELERATOR", device)
+    os.environ["WANDB_MODE"] = "disabled"
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from ds_pld.training.distributed import init_distributed
+
+    init_distributed()
+
+
+def _synchronize(device: str):
+    if device != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.synchronize
+
+
+def _build(spec: RunSpec, settings: StudySettings, data: Path, out: Path, search_steps: int, eval_batches: int,
+           bf16: bool) -> Any:
+    from ds_pld.data import load_pretraining_data
+    from ds_pld.training.config import parse_run_config
+    from ds_pld.training.run import build_run
+
+    seq = load_pretraining_data(data).max_seq_length
+    folder = out / "runs" / spec.key
+    shutil.rmtree(folder, ignore_errors=True)  # an unfinished run starts over
+    config = parse_run_config(run_config(spec, settings, data, seq, search_steps, eval_batches, bf16))
+    return build_run(config, folder, resume=False)
+
+
+def calibrate(settings: StudySettings, data: Path, out: Path, args: Any) -> dict[str, Any]:
+    """The full model's step time (for EarlyBERT's search length) and the plateau accuracy: the share of the most
+    frequent target token among the masked positions of the validation slice every evaluation scores."""
+    import torch
+
+    from ds_pld.training.evaluate import VALIDATION_STREAM
+    from ds_pld.training.step import derived_seed, masked_batch, train_step
+
+    from .arm import EVAL_SEED
+    from .budget import Clock
+
+    spec = RunSpec(arm="baseline", seed=settings.seeds[0], lr=settings.lr_grid[0], budget_s=settings.budget_s)
+    run = _build(spec, settings, data, out / "calibration", 2, args.eval_batches, args.bf16)
+    counts: Counter[int] = Counter()
+    for index in range(args.eval_batches):
+        start = index * run.micro_batch
+        rows = torch.stack([run.data.validation[(start + i) % len(run.data.validation)]["input_ids"]
+                            for i in range(run.micro_batch)])
+        batch = masked_batch(run, rows.long(), derived_seed(EVAL_SEED, VALIDATION_STREAM, index, 0))
+        counts.update(batch["labels"][batch["labels"] != -100].tolist())
+    token, top = counts.most_common(1)[0]
+    clock = Clock(args.clock, _synchronize(args.device))
+    warm, timed = CALIBRATION_STEPS
+    for step in range(warm + timed):
+        if step == warm:
+            clock.start()
+        train_step(run)
+    step_s = clock.stop() / timed
+    shutil.rmtree(out / "calibration", ignore_errors=True)
+    return {"step_s": step_s, "clock": args.clock, "plateau_accuracy": top / sum(counts.values()),
+            "plateau_token": run.data.tokenizer.convert_ids_to_tokens(token), "masked_positions": sum(counts.values()),
+            "train_sequences": len(run.data.train), "seq": run.data.max_seq_length,
+            "train_tokens": len(run.data.train) * run.data.max_seq_length}
+
+
+def run_group(group: Group, settings: StudySettings, data: Path, out: Path, args: Any) -> None:
+    """Train the group's runs interleaved, CHUNK steps at a time; write each one's result when its budget is spent."""
+    from ds_pld.training.outputs import finish
+
+    calibration = read_json(out / CALIBRATION)
+    search = earlybert_search_steps(settings, calibration["step_s"])
+    arms = []
+    for spec in group.runs:
+        run = _build(spec, settings, data, out, search, args.eval_batches, args.bf16)
+        limited = spec.train_sequences is not None
+        train_slice = run.data.train.select(range(min(len(run.data.train), args.eval_batches * run.micro_batch)))
+        arm = Arm(spec, run, Budget(spec.budget_s, settings.warmup, settings.gamma_budget), args.clock,
+                  _synchronize(args.device), train_slice if limited else None)
+        arm.evaluate()
+        arms.append(arm)
+    pending = list(arms)
+    while pending:
+        for arm in list(pending):
+            arm.train(CHUNK)
+            if arm.done:
+                pending.remove(arm)
+                if arm.diverged_at is None:
+                    final = finish(arm.run)
+                else:
+                    arm.run.metrics.close()
+                    arm.run.tracker.finish()
+                    arm.run.lock.release()
+                    final = None
+                write_atomic(out / RESULTS / f"{arm.spec.key}.json",
+                             {"spec": asdict(arm.spec), "final_dir": None if final is None else str(final),
+                              "earlybert_search_steps": search if arm.spec.uses_earlybert else None,
+                              **arm.result()})
+                print(f"[ttq] {group.name}: {arm.spec.key} done: {arm.run.step} steps, "
+                      f"val loss {arm.curve[-1]['val_loss']:.4f}", flush=True)
+
+
+def downstream_runs(settings: StudySettings, results: dict[str, Any]) -> list[RunSpec]:
+    """The data-rich regime's finished, non-diverged runs, whose final models are fine-tuned."""
+    runs = regime_runs(settings, DATA_RICH, choices(settings, results)) or {}
+    return [run for run in runs.values() if run.key in results and results[run.key].get("final_dir")]
+
+
+def worker_command(kind: str, payload: dict[str, Any], args: Any) -> list[str]:
+    script = Path(__file__).resolve().parents[1] / "time_to_quality.py"
+    return [sys.executable, str(script), "--out", args.out, "--worker", json.dumps({"kind": kind, **payload}),
+            *args.forwarded]
+
+
+def study(settings: StudySettings, out: Path, args: Any) -> None:
+    """Run every unit not yet finished, `args.workers` at a time, until the plan has nothing left."""
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads or 1)}
+    if read_json(out / CALIBRATION) is None:
+        subprocess.run(worker_command("calibrate", {}, args), check=True, env=env)
+    running: dict[subprocess.Popen, tuple[str, set[str]]] = {}
+    while True:
+        results = read_folder(out / RESULTS)
+        finetuned = read_folder(out / DOWNSTREAM)
+        busy = set().union(*(keys for _, keys in running.values())) if running else set()
+        units: list[tuple[str, dict[str, Any], set[str]]] = []
+        for group in ready_groups(settings, results):
+            runs = tuple(run for run in group.runs if run.key not in busy)
+            if runs:
+                units.append(("group", {"name": group.name, "runs": [asdict(r) for r in runs]},
+                              {r.key for r in runs}))
+        if args.wordnet:
+            keys = [run.key for run in downstream_runs(settings, results)
+                    if run.key not in finetuned and f"ft:{run.key}" not in busy]
+            for chunk in (keys[i::args.workers] for i in range(args.workers)):
+                if chunk:  # one process fine-tunes several models: start-up is paid once
+                    units.append(("finetune", {"name": f"fine-tune {len(chunk)}", "keys": chunk},
+                                  {f"ft:{key}" for key in chunk}))
+        while units and len(running) < args.workers:
+            kind, payload, keys = units.pop(0)
+            if keys & set().union(set(), *(k for _, k in running.values())):
+                continue
+            name = payload["name"]
+            log = open(logs / f"{time.strftime('%H%M%S')}-{kind}-{len(running)}.log", "w")
+            print(f"[ttq] start {kind}: {name}", flush=True)
+            running[subprocess.Popen(worker_command(kind, payload, args), stdout=log, stderr=subprocess.STDOUT,
+                                     env=env)] = (name, keys)
+        if not running:
+            return
+        time.sleep(1.0)
+        for proc in [p for p in running if p.poll() is not None]:
+            name, _ = running.pop(proc)
+            if proc.returncode != 0:
+                for other in running:
+                    other.terminate()
+                raise SystemExit(f"[ttq] worker for {name!r} failed with exit code {proc.returncode}; see {logs}")
