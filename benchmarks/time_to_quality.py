@@ -28,9 +28,9 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from ttq.plan import ARMS, Group, RunSpec, StudySettings  # noqa: E402
-from ttq.store import CALIBRATION, DOWNSTREAM, RESULTS, read_folder, read_json, write_atomic  # noqa: E402
+from ttq.store import CALIBRATION, DOWNSTREAM, RESULTS, mark_running, read_folder, read_json, write_atomic  # noqa: E402
 
-STUDY_DATA = {"vocab_size": 4096, "max_seq_length": 64}
+STUDY_DATA = {"vocab_size": 1024, "max_seq_length": 64}
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="study folder (results accumulate here; a rerun resumes)")
     parser.add_argument("--data", help="a folder from launch/prepare_data.py (default: prepare --corpus or the "
-                                       "embedded corpus into <out>/data, vocabulary 4096, sequence 64)")
+                                       "embedded corpus into <out>/data, vocabulary 1024, sequence 64)")
     parser.add_argument("--corpus", action="append", help="corpus files / glob patterns to prepare when no --data")
     parser.add_argument("--encoding_errors", default="strict", choices=("strict", "replace"))
     parser.add_argument("--wordnet", help="WordNet's dictd database (wn.dict.dz from launch/fetch_corpus.sh) for the "
@@ -63,9 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 1 on the CPU)")
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes at once (default: one per core on the CPU, 1 on a GPU)")
-    parser.add_argument("--budget_s", type=float, default=300.0, help="training seconds per arm")
+    parser.add_argument("--budget_s", type=float, default=240.0, help="training seconds per arm")
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=96)
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32, help="sequences per optimizer step")
     parser.add_argument("--lr_grid", type=_floats, default=(5e-4, 1e-3, 2e-3, 4e-3),
@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="training sequences of the data-limited regime (repeated for many epochs)")
     parser.add_argument("--steps_factor", action="append", default=[], metavar="ARM=F",
                         help="manual override: ARM gets F x the budget (its schedules stretched alike)")
-    parser.add_argument("--eval_batches", type=int, default=12, help="micro-batches per evaluation")
+    parser.add_argument("--eval_batches", type=int, default=24, help="micro-batches per evaluation")
     parser.add_argument("--report_only", action="store_true", help="write the report from the results so far")
     parser.add_argument("--publish", help="also copy study.json, study.md and the PNGs into this folder")
     parser.add_argument("--smoke", action="store_true",
@@ -139,10 +139,12 @@ def worker(args: argparse.Namespace, out: Path) -> int:
         results = read_folder(out / RESULTS)
         seq = read_json(out / CALIBRATION)["seq"]
         for key in task["keys"]:
+            marker = mark_running(out, f"ft-{key}")
             spec = results[key]["spec"]
             scored = finetune(results[key]["final_dir"], out / "downstream_task", out / "finetune" / key, seq,
                               seed=spec["seed"] + 1, max_steps=args.finetune_max_steps)
             write_atomic(out / DOWNSTREAM / f"{key}.json", {"spec": spec, **scored})
+            marker.unlink(missing_ok=True)
     return 0
 
 
@@ -167,6 +169,25 @@ def report(args: argparse.Namespace, out: Path) -> dict:
     return summary
 
 
+SETTINGS_FILE = "settings.json"
+RESULT_SETTINGS = ("data", "corpus", "device", "bf16", "clock", "threads", "settings_dict", "eval_batches")
+
+
+def check_settings(args: argparse.Namespace, out: Path) -> None:
+    """A study folder holds the results of one set of settings: a rerun with others would mix them into one table."""
+    current = {key: getattr(args, key) for key in RESULT_SETTINGS if key != "settings_dict"}
+    current["settings_dict"] = json.loads(json.dumps(vars(args.settings), default=list))
+    current = json.loads(json.dumps(current, default=list))
+    saved = read_json(out / SETTINGS_FILE)
+    if saved is None:
+        write_atomic(out / SETTINGS_FILE, current)
+        return
+    changed = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
+    if changed:
+        raise SystemExit(f"error: '{out}' holds a study with other settings ({', '.join(changed)} differ; see "
+                         f"{out / SETTINGS_FILE}); use another --out or the same settings")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
@@ -176,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         from ttq import runner
 
+        check_settings(args, out)
         data_folder(args, out)  # prepared once, before the workers read it
         if args.wordnet:
             from ttq.downstream import build_task

@@ -97,3 +97,11 @@ def synthetic_wordnet(tmp_path: Path) -> Path:
 
     return make_synthetic_wordnet(tmp_path / "dictd")
 
+
+def default_sigint() -> None:
+    """preexec_fn for a launched job: SIGINT back to its default. A suite started from a background job (`nohup ...
+    &`, a script's `&`) inherits SIGINT ignored, and the launcher would then ignore the tests' Ctrl-C too."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import ROOT, free_port, tiny_train_config
+from conftest import ROOT, default_sigint, free_port, tiny_train_config
 from test_train import TRAIN, env, train
 
 from ds_pld.checkpoints import META_FILE, prune_checkpoints, read_checkpoint_meta, resolve_checkpoint
@@ -59,7 +59,7 @@ def start_launcher(config: Path, out: Path, log: Path, *flags: str) -> subproces
            TRAIN, "--deepspeed_config", str(config), "--output_dir", str(out), *flags]
     with open(log, "w") as handle:
         return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=handle, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=default_sigint)
 
 
 def wait_for_steps(out: Path, steps: int, launcher: subprocess.Popen, log: Path) -> None:

@@ -91,21 +91,23 @@ def test_plan_orders_the_sweeps_first_and_shares_identical_runs() -> None:
     results = {run.key: _result(5.0 + abs(lr - 2e-3) * 100) for lr, run in plan.lr_sweep(SETTINGS, "pre").items()}
     picked = plan.choices(SETTINGS, results)
     assert picked.pre_lr == 2e-3 and picked.theta is None and picked.post_lr is None
-    names = [g.name for g in plan.ready_groups(SETTINGS, results)]
-    assert names == ["lr sweep post-LN", "theta sweep + earlybert, data-rich seed 0"]
+    groups = {g.name: g for g in plan.ready_groups(SETTINGS, results)}
+    assert list(groups)[:3] == ["lr sweep post-LN", "theta sweep, data-rich seed 0", "data-rich seed 0"]
+    # While theta_bar is unknown the arms without PLD go ahead; baseline seed 0 is the sweep's run at 2e-3.
+    assert [r.arm for r in groups["data-rich seed 0"].runs] == ["earlybert"]
+    assert [r.arm for r in groups["data-limited seed 2"].runs] == ["baseline", "earlybert"]
+    assert not any(name.startswith("post-ln") for name in groups)  # waits for the post-LN sweep
     results.update({run.key: _result(5.5 - 0.1 * (theta == 0.75))
                     for theta, run in plan.theta_sweep(SETTINGS, 2e-3).items()})
     assert plan.choices(SETTINGS, results).theta == 0.75
     groups = {g.name: g for g in plan.ready_groups(SETTINGS, results)}
-    seed0 = groups["data-rich seed 0"].runs
-    # baseline seed 0 (the sweep's run at 2e-3) and PLD at the chosen theta are shared, not trained again, and
-    # EarlyBERT seed 0 stays with the theta sweep's group, which has not finished it yet
-    assert [r.arm for r in seed0] == ["pld+earlybert"]
-    assert [r.arm for r in groups["theta sweep + earlybert, data-rich seed 0"].runs] == ["earlybert"]
-    assert {r.arm for r in groups["data-rich seed 1"].runs} == set(plan.ARMS)
+    # PLD at the chosen theta, seed 0, is the sweep's run: not trained again
+    assert [r.arm for r in groups["data-rich seed 0"].runs] == ["earlybert", "pld+earlybert"]
+    assert [(r.arm, r.theta) for r in groups["data-rich seed 1"].runs if r.uses_pld] == [
+        ("pld", 0.75), ("pld+earlybert", 0.75)]
     limited = groups["data-limited seed 1"].runs
-    assert all(r.train_sequences == SETTINGS.limited_sequences and r.dropout == 0.1 for r in limited)
-    assert "post-ln seed 0" not in groups  # waits for the post-LN sweep
+    assert len(limited) == 4 and all(r.train_sequences == SETTINGS.limited_sequences and r.dropout == 0.1
+                                     for r in limited)
     results.update({run.key: _result(6.0 - lr * 100) for lr, run in plan.lr_sweep(SETTINGS, "post").items()})
     post1 = {g.name: g for g in plan.ready_groups(SETTINGS, results)}["post-ln seed 1"].runs
     assert [(r.arm, r.layer_norm, r.lr) for r in post1] == [("baseline", "post", 4e-3)]  # pre-LN ones are data-rich's

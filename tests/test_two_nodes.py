@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, free_port, launcher_env, tiny_train_config
+from conftest import ROOT, default_sigint, free_port, launcher_env, tiny_train_config
 from test_reliability import wait_for_steps
 
 from ds_pld.checkpoints import read_checkpoint_meta
@@ -71,7 +71,7 @@ class TwoNodes:
                TRAIN, "--deepspeed_config", str(config), "--output_dir", str(out), *flags]
         with open(log, "w") as handle:
             return subprocess.Popen(cmd, cwd=ROOT, env=self.launcher_env(), stdout=handle, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=default_sigint)
 
     def ranks(self, node: Node) -> list[psutil.Process]:
         """The training processes running inside `node`'s namespace."""

@@ -18,7 +18,7 @@ from typing import Any
 from .arm import Arm, earlybert_search_steps, run_config
 from .budget import Budget
 from .plan import DATA_RICH, Group, RunSpec, StudySettings, choices, ready_groups, regime_runs
-from .store import CALIBRATION, DOWNSTREAM, RESULTS, read_folder, read_json, write_atomic
+from .store import CALIBRATION, DOWNSTREAM, RESULTS, mark_running, read_folder, read_json, running_units, write_atomic
 
 CALIBRATION_STEPS = (2, 8)  # warm-up steps, timed steps
 CHUNK = 5  # steps an arm runs before the next arm's turn
@@ -99,6 +99,7 @@ def run_group(group: Group, settings: StudySettings, data: Path, out: Path, args
     calibration = read_json(out / CALIBRATION)
     search = earlybert_search_steps(settings, calibration["step_s"])
     arms = []
+    markers = {spec.key: mark_running(out, spec.key) for spec in group.runs}
     for spec in group.runs:
         run = _build(spec, settings, data, out, search, args.eval_batches, args.bf16)
         limited = spec.train_sequences is not None
@@ -124,6 +125,7 @@ def run_group(group: Group, settings: StudySettings, data: Path, out: Path, args
                              {"spec": asdict(arm.spec), "final_dir": None if final is None else str(final),
                               "earlybert_search_steps": search if arm.spec.uses_earlybert else None,
                               **arm.result()})
+                markers[arm.spec.key].unlink(missing_ok=True)
                 print(f"[ttq] {group.name}: {arm.spec.key} done: {arm.run.step} steps, "
                       f"val loss {arm.curve[-1]['val_loss']:.4f}", flush=True)
 
@@ -151,7 +153,8 @@ def study(settings: StudySettings, out: Path, args: Any) -> None:
     while True:
         results = read_folder(out / RESULTS)
         finetuned = read_folder(out / DOWNSTREAM)
-        busy = set().union(*(keys for _, keys in running.values())) if running else set()
+        # in flight here, or in a worker of an earlier study process that is still alive
+        busy = set().union(running_units(out), *(keys for _, keys in running.values()))
         units: list[tuple[str, dict[str, Any], set[str]]] = []
         for group in ready_groups(settings, results):
             runs = tuple(run for run in group.runs if run.key not in busy)
@@ -160,21 +163,21 @@ def study(settings: StudySettings, out: Path, args: Any) -> None:
                               {r.key for r in runs}))
         if args.wordnet:
             keys = [run.key for run in downstream_runs(settings, results)
-                    if run.key not in finetuned and f"ft:{run.key}" not in busy]
+                    if run.key not in finetuned and f"ft-{run.key}" not in busy]
             for chunk in (keys[i::args.workers] for i in range(args.workers)):
                 if chunk:  # one process fine-tunes several models: start-up is paid once
                     units.append(("finetune", {"name": f"fine-tune {len(chunk)}", "keys": chunk},
-                                  {f"ft:{key}" for key in chunk}))
+                                  {f"ft-{key}" for key in chunk}))
         while units and len(running) < args.workers:
             kind, payload, keys = units.pop(0)
-            if keys & set().union(set(), *(k for _, k in running.values())):
+            if keys & set().union(running_units(out), *(k for _, k in running.values())):
                 continue
             name = payload["name"]
             log = open(logs / f"{time.strftime('%H%M%S')}-{kind}-{len(running)}.log", "w")
             print(f"[ttq] start {kind}: {name}", flush=True)
             running[subprocess.Popen(worker_command(kind, payload, args), stdout=log, stderr=subprocess.STDOUT,
                                      env=env)] = (name, keys)
-        if not running:
+        if not running and not running_units(out):
             return
         time.sleep(1.0)
         for proc in [p for p in running if p.poll() is not None]:

@@ -4,6 +4,7 @@ the units in flight, and a rerun skips every unit whose file exists.
   <out>/results/<run key>.json      a pretraining run: its spec and curve
   <out>/downstream/<run key>.json   the fine-tuning of that run's final model
   <out>/calibration.json            step time of the full model, plateau accuracy of the validation slice
+  <out>/running/<unit>.pid          a unit in flight and its worker's pid: a second study process leaves it alone
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-RESULTS, DOWNSTREAM, CALIBRATION = "results", "downstream", "calibration.json"
+RESULTS, DOWNSTREAM, CALIBRATION, RUNNING = "results", "downstream", "calibration.json", "running"
 
 
 def write_atomic(path: Path, payload: Any) -> Path:
@@ -32,3 +33,22 @@ def read_folder(folder: Path) -> dict[str, Any]:
 
 def read_json(path: Path) -> Any | None:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def mark_running(out: Path, unit: str) -> Path:
+    path = out / RUNNING / f"{unit}.pid"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(str(os.getpid()))
+    return path
+
+
+def running_units(out: Path) -> set[str]:
+    """Units whose worker is still alive (a marker left by a killed worker does not count)."""
+    alive = set()
+    for path in (out / RUNNING).glob("*.pid") if (out / RUNNING).is_dir() else ():
+        try:
+            os.kill(int(path.read_text() or 0), 0)
+        except (ValueError, ProcessLookupError, PermissionError):
+            continue
+        alive.add(path.stem)
+    return alive

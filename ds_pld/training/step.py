@@ -55,15 +55,16 @@ def train_step(run: PretrainingRun, stop_requested: bool = False) -> tuple[dict[
     shared = torch.stack([result.mean_loss, torch.tensor(float(stop_requested), device=device),
                           non_finite(run.engine, result.loss_sum)])
     dist.all_reduce(shared)  # one sync per step: loss, stop request and divergence together
+    loss, stop, diverged = shared.tolist()  # the host waits for the device here: the clock is read after it
     elapsed = time.perf_counter() - started
     samples = run.micro_batch * run.accumulation * run.world_size
     record: dict[str, Any] = {
-        "step": run.step, "loss": float(shared[0]) / run.world_size, "lr": float(run.engine.get_lr()[0]),
+        "step": run.step, "loss": loss / run.world_size, "lr": float(run.engine.get_lr()[0]),
         "layers_run": result.layers_run / run.accumulation, "samples_per_sec": samples / elapsed,
         "tokens_per_sec": samples * run.data.max_seq_length / elapsed, "step_time": elapsed,
         "epoch": run.batches.epoch(position), **optimizer_stats(run.engine)}
-    if float(shared[2]) > 0:
+    if diverged > 0:
         run.diverged_at = run.step
         raise TrainingDiverged(run.step, record, latest_checkpoint(run.checkpoint_dir))
     record.update(run_event(run.algorithms, Event.STEP_END, run.state))
-    return record, float(shared[1]) > 0
+    return record, stop > 0
