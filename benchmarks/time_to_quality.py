@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from ttq.plan import ARMS, Group, RunSpec, StudySettings  # noqa: E402
+from ttq.plan import ARMS, Group, RunSpec, StudySettings, count_runs  # noqa: E402
 from ttq.store import CALIBRATION, DOWNSTREAM, RESULTS, mark_running, read_folder, read_json, write_atomic  # noqa: E402
 
 STUDY_DATA = {"vocab_size": 1024, "max_seq_length": 64}
@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes at once (default: one per core on the CPU, 1 on a GPU)")
     parser.add_argument("--budget_s", type=float, default=240.0, help="training seconds per arm")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="size --budget_s so the whole study fits in about this many minutes of wall time "
+                             "(evaluation, start-up and fine-tuning take the other 25%%)")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=96)
     parser.add_argument("--heads", type=int, default=2)
@@ -101,6 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.clock = args.clock or ("wall" if args.device == "cuda" else "cpu")
     args.threads = args.threads or (None if args.device == "cuda" else 1)
     args.workers = args.workers or (1 if args.device == "cuda" else 2)
+    if args.minutes is not None:
+        probe = StudySettings(budget_s=1.0, layers=args.layers, hidden=args.hidden, heads=args.heads,
+                              batch=args.batch, lr_grid=args.lr_grid, thetas=args.thetas, seeds=args.seeds)
+        args.budget_s = round(0.75 * args.minutes * 60 * args.workers / count_runs(probe), 1)
     args.settings = StudySettings(
         budget_s=args.budget_s, layers=args.layers, hidden=args.hidden, heads=args.heads, batch=args.batch,
         lr_grid=args.lr_grid, thetas=args.thetas, seeds=args.seeds, warmup=args.warmup, dropout=args.dropout,

@@ -12,7 +12,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==${DS_PLD_TORCH_VERSION:-2.13.0}"
 fi
 if [ "${1:-}" = "test" ]; then
-  "$PY" -m pip install -q -e ".[test,triton]"
+  "$PY" -m pip install -q -e ".[all,test,triton]"
   if [ -x tests/cluster/install_slurm.sh ] && [ "$(id -u)" = 0 ]; then
     bash tests/cluster/install_slurm.sh || echo "setup_env: SLURM packages not installed; SLURM tests will skip" >&2
   fi
@@ -20,5 +20,5 @@ if [ "${1:-}" = "test" ]; then
     bash tests/cluster/install_ssh.sh || echo "setup_env: pdsh/sshd not installed; the two-node test will skip" >&2
   fi
 else
-  "$PY" -m pip install -q -e .
+  "$PY" -m pip install -q -e ".[all]"
 fi

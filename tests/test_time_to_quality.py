@@ -113,6 +113,12 @@ def test_plan_orders_the_sweeps_first_and_shares_identical_runs() -> None:
     assert [(r.arm, r.layer_norm, r.lr) for r in post1] == [("baseline", "post", 4e-3)]  # pre-LN ones are data-rich's
 
 
+def test_the_study_counts_shared_runs_once() -> None:
+    # sweeps 3 + 3 + 3; data-rich 12 less baseline and PLD of seed 0 (the sweeps' runs); data-limited 12; post-LN: the
+    # post-LN baseline at seeds 1 and 2 (seed 0 is its sweep's run; the pre-LN arms are data-rich's)
+    assert plan.count_runs(SETTINGS) == 9 + 10 + 12 + 2
+
+
 def test_a_diverged_run_never_wins_a_sweep() -> None:
     sweep = plan.lr_sweep(SETTINGS, "post")
     results = {run.key: _result(5.0) for run in sweep.values()}

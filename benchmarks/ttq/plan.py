@@ -168,3 +168,13 @@ def ready_groups(settings: StudySettings, results: Mapping[str, Any]) -> list[Gr
         if todo:
             ready.append(Group(group.name, todo))
     return ready
+
+
+def count_runs(settings: StudySettings) -> int:
+    """How many runs the whole study trains (identical runs once), whatever the sweeps pick."""
+    picked = Choices(settings.lr_grid[0], settings.lr_grid[0], settings.thetas[0])
+    keys = {run.key for norm in ("pre", "post") for run in lr_sweep(settings, norm).values()}
+    keys |= {run.key for run in theta_sweep(settings, picked.pre_lr).values()}
+    for regime in REGIMES:
+        keys |= {run.key for run in (regime_runs(settings, regime, picked) or {}).values()}
+    return len(keys)

@@ -1,0 +1,2 @@
+"""The pretraining job around the plugin core: config blocks, the run, its step, evaluation, checkpoints and
+outputs (`ds_pld.training.pretrain` is the loop)."""
