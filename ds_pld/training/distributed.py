@@ -14,6 +14,7 @@ from pathlib import Path
 import deepspeed
 
 from ds_pld.config_errors import ConfigError
+from ds_pld.training.build_locks import check_build_locks
 
 TIMEOUT_ENV = "DS_PLD_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 1800.0
@@ -154,6 +155,7 @@ def init_distributed() -> str:
     _default_group_timeout(timeout)
     if kind == "mpi":
         _finalize_mpi_only_after_success()
+    check_build_locks()  # a lock left by a killed build would hang the op build below, silently
     deepspeed.init_distributed(auto_mpi_discovery=kind == "mpi", distributed_port=port, timeout=timeout)
     release_shm_names()
     if deepspeed.comm.get_rank() == 0:

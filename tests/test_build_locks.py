@@ -1,0 +1,78 @@
+"""A torch extension build lock left by a killed build no longer hangs every later run: it is removed with one line
+naming it once it is older than a build can take and no build process is alive; a live build or a young lock is
+waited on, and the run says what it waits on."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, launcher_env, tiny_train_config
+
+from ds_pld.training.build_locks import check_build_locks, extensions_root
+
+
+def plant_lock(root: Path, op: str, age_s: float) -> Path:
+    lock = root / "py3_cpu" / op / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    os.utime(lock, (time.time() - age_s, time.time() - age_s))
+    return lock
+
+
+def test_a_stale_lock_is_removed_and_named(tmp_path: Path) -> None:
+    lock = plant_lock(tmp_path, "deepspeed_shm_comm", age_s=3600)
+    said: list[str] = []
+    assert check_build_locks(tmp_path, stale_after_s=600, say=said.append) == [lock]
+    assert not lock.exists()
+    assert len(said) == 1 and str(lock) in said[0] and "stale" in said[0]
+
+
+def test_a_young_lock_is_kept_and_the_wait_is_explained(tmp_path: Path) -> None:
+    lock = plant_lock(tmp_path, "fused_adam", age_s=5)
+    said: list[str] = []
+    assert check_build_locks(tmp_path, stale_after_s=600, say=said.append) == []
+    assert lock.exists() and str(lock) in said[0] and "delete that file" in said[0]
+
+
+def test_an_old_lock_of_a_live_build_is_kept(tmp_path: Path) -> None:
+    lock = plant_lock(tmp_path, "deepspeed_shm_comm", age_s=3600)
+    builder = subprocess.Popen(["sleep", "30"], cwd=lock.parent)  # a compiler working in the op's folder
+    try:
+        said: list[str] = []
+        assert check_build_locks(tmp_path, stale_after_s=600, say=said.append) == []
+        assert lock.exists() and "in progress" in said[0]
+    finally:
+        builder.kill()
+        builder.wait()
+
+
+def train_two_steps(config: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--deepspeed_config", str(config),
+                           "--output_dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=launcher_env())
+
+
+@pytest.mark.slow
+def test_a_run_starts_despite_a_lock_left_by_a_killed_build(tmp_path: Path, prepared: Path) -> None:
+    """The lock is planted where a killed build leaves it, in this machine's extensions folder. Without the check
+    torch would wait on it for good; here the run trains and says what it removed."""
+    config = tiny_train_config(tmp_path / "config.json", prepared, training={"max_steps": 2}, wandb={"enabled": False})
+    if not sorted(extensions_root().glob("*/deepspeed_shm_comm")):
+        assert train_two_steps(config, tmp_path / "first").returncode == 0  # builds the op once, as any first run
+    folder = sorted(extensions_root().glob("*/deepspeed_shm_comm"))[0]
+    lock = folder / "lock"
+    if lock.exists():
+        pytest.skip(f"{lock} exists already: another job may be building the op right now")
+    lock.touch()
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    try:
+        proc = train_two_steps(config, tmp_path / "run")
+    finally:
+        lock.unlink(missing_ok=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"removed a stale build lock {lock}" in proc.stdout + proc.stderr
+    assert (tmp_path / "run" / "final").is_dir()
