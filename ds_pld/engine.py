@@ -180,7 +180,8 @@ class DsPldEngine(DeepSpeedEngine):
             os.kill(os.getpid(), signal.SIGKILL)  # crash test: files written, checkpoint not yet marked complete
         if self.global_rank == 0:  # DeepSpeed's save ends in a barrier: every rank's files are on disk now
             meta = {"tag": tag, "global_steps": self.global_steps, "global_samples": self.global_samples,
-                    "world_size": self.world_size, "pld_theta": self.get_pld_theta(), **self.checkpoint_meta,
+                    "world_size": self.world_size, "dp_world_size": self.dp_world_size,
+                    "pld_theta": self.get_pld_theta(), **self.checkpoint_meta,
                     "files": checkpoint_files(Path(save_dir) / tag)}
             model_config = getattr(self.module, "config", None)
             if hasattr(model_config, "to_dict"):
@@ -232,8 +233,9 @@ class DsPldEngine(DeepSpeedEngine):
         folder returned. A failed conversion is a ConfigError on every rank, not a hang."""
         failure: list[str | None] = [None]
         if self.global_rank == 0:
-            print(f"[ds_pld] checkpoint {tag!r} was written by {meta['world_size']} rank(s) with partitioned ZeRO "
-                  f"state; re-sharding it for {self.dp_world_size} through DeepSpeed's universal checkpoint",
+            saved = meta.get("dp_world_size", meta["world_size"])
+            print(f"[ds_pld] checkpoint {tag!r} was partitioned over {saved} data-parallel rank(s) by ZeRO; "
+                  f"re-sharding it for {self.dp_world_size} through DeepSpeed's universal checkpoint",
                   flush=True)
             try:
                 universal_checkpoint.convert(load_dir, tag, meta)

@@ -24,10 +24,12 @@ from ds_pld.config_errors import ConfigError
 FOLDER = "universal"
 
 
-def needs_resharding(meta: dict[str, Any], world_size: int, zero_stage: int) -> bool:
-    """A checkpoint with partitioned ZeRO state written by another number of ranks."""
-    saved = meta.get("world_size")
-    return zero_stage >= 1 and saved is not None and int(saved) != world_size and not meta.get("universal")
+def needs_resharding(meta: dict[str, Any], dp_world_size: int, zero_stage: int) -> bool:
+    """A checkpoint whose partitioned ZeRO state was split over another data-parallel world size. ZeRO partitions
+    over the data-parallel ranks, so that is the size compared (under sequence or model parallelism the global world
+    size is larger); checkpoints written before it was recorded hold only the global one."""
+    saved = meta.get("dp_world_size", meta.get("world_size"))
+    return zero_stage >= 1 and saved is not None and int(saved) != dp_world_size and not meta.get("universal")
 
 
 def convert(checkpoint_dir: Path, tag: str, meta: dict[str, Any]) -> Path:

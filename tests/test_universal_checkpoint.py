@@ -7,7 +7,22 @@ from __future__ import annotations
 import pytest
 from conftest import ROOT, run_deepspeed
 
+from ds_pld.universal_checkpoint import needs_resharding
+
 SCRIPT = str(ROOT / "tests" / "scripts" / "universal_resume.py")
+
+
+def test_resharding_compares_data_parallel_sizes() -> None:
+    """ZeRO partitions over the data-parallel ranks: 4 ranks with sequence parallelism 2 wrote 2 partitions, which
+    2 data-parallel ranks load as they are; an older checkpoint without the data-parallel size falls back to the
+    global one; ZeRO-0 and universal checkpoints never need it."""
+    meta = {"world_size": 4, "dp_world_size": 2}
+    assert not needs_resharding(meta, dp_world_size=2, zero_stage=2)
+    assert needs_resharding(meta, dp_world_size=4, zero_stage=2)
+    assert needs_resharding({"world_size": 4}, dp_world_size=2, zero_stage=1)
+    assert not needs_resharding({"world_size": 4}, dp_world_size=4, zero_stage=3)
+    assert not needs_resharding(meta, dp_world_size=1, zero_stage=0)
+    assert not needs_resharding({**meta, "universal": True}, dp_world_size=1, zero_stage=2)
 
 
 @pytest.mark.slow
