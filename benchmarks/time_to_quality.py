@@ -169,11 +169,24 @@ def report(args: argparse.Namespace, out: Path) -> dict:
     pictures = plot(args.settings, summary, results, out)
     print(text)
     if args.publish:
-        target = Path(args.publish)
-        target.mkdir(parents=True, exist_ok=True)
-        for path in [out / "study.json", out / "study.md", *pictures]:
-            shutil.copy(path, target / f"ttq_{path.name}" if not path.name.startswith("ttq_") else target)
+        publish(out, Path(args.publish), pictures)
     return summary
+
+
+def publish(out: Path, target: Path, pictures: list[Path]) -> None:
+    """The report (`ttq_study.json`, `ttq_study.md`, the PNGs) into `target`, and the raw results into
+    `target/ttq_study/`: copied back into an --out folder, they let another machine continue the study."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in [out / "study.json", out / "study.md", *pictures]:
+        shutil.copy(path, target / (path.name if path.name.startswith("ttq_") else f"ttq_{path.name}"))
+    raw = target / "ttq_study"
+    for name in (RESULTS, DOWNSTREAM):
+        if (out / name).is_dir():
+            shutil.copytree(out / name, raw / name, dirs_exist_ok=True)
+    for name in (CALIBRATION, SETTINGS_FILE, "downstream_task/reference.json"):
+        if (out / name).is_file():
+            (raw / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(out / name, raw / name)
 
 
 SETTINGS_FILE = "settings.json"

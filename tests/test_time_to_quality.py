@@ -189,7 +189,8 @@ def test_smoke_study_runs_every_regime_and_resumes(tmp_path: Path, synthetic_wor
         r["earlybert_drawn_step"] for r in study["results"].values() if "earlybert" in r["spec"]["arm"]])
     limited = study["regimes"][plan.DATA_LIMITED]["arms"]["baseline"]
     assert all(math.isfinite(v) for v in limited["final_train_loss"])
-    for name in ("ttq_data-rich.png", "ttq_data-limited.png", "ttq_post-ln.png", "ttq_study.md", "ttq_study.json"):
+    for name in ("ttq_data-rich.png", "ttq_data-limited.png", "ttq_post-ln.png", "ttq_study.md", "ttq_study.json",
+                 "ttq_study/calibration.json", "ttq_study/settings.json", "ttq_study/downstream_task/reference.json"):
         assert (tmp_path / "figures" / name).is_file(), name
     assert "verdict" in (out / "study.md").read_text()
     reference = study["downstream_reference"]

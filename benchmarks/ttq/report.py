@@ -212,7 +212,7 @@ def markdown(report: dict[str, Any]) -> str:
             if limited:
                 cells += [_fmt(entry["final_train_loss"]), _fmt(entry["epochs"], 1)]
             cells += [ratio, _fmt([100 * a for a in entry["downstream_accuracy"]], 1),
-                      entry.get("verdict", "reference")]
+                      entry.get("verdict", "reference" if arm == summary["reference"] else "pending")]
             lines.append("| " + " | ".join(cells) + " |")
     reference = report.get("downstream_reference")
     if reference:
@@ -267,7 +267,8 @@ def plot(settings: StudySettings, report: dict[str, Any], results: dict[str, Any
         ax.set_ylabel("MLM loss")
         ax.set_title(f"time to quality, {regime} (mean ± sd over seeds)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if lows:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         path = folder / f"ttq_{regime}.png"
         fig.savefig(path, dpi=110)

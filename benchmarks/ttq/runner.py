@@ -18,7 +18,17 @@ from typing import Any
 from .arm import Arm, earlybert_search_steps, run_config
 from .budget import Budget
 from .plan import DATA_RICH, Group, RunSpec, StudySettings, choices, ready_groups, regime_runs
-from .store import CALIBRATION, DOWNSTREAM, RESULTS, mark_running, read_folder, read_json, running_units, write_atomic
+from .store import (
+    CALIBRATION,
+    DOWNSTREAM,
+    RESULTS,
+    RUNNING,
+    mark_running,
+    read_folder,
+    read_json,
+    running_units,
+    write_atomic,
+)
 
 CALIBRATION_STEPS = (2, 8)  # warm-up steps, timed steps
 CHUNK = 5  # steps an arm runs before the next arm's turn
@@ -153,24 +163,30 @@ def study(settings: StudySettings, out: Path, args: Any) -> None:
     while True:
         results = read_folder(out / RESULTS)
         finetuned = read_folder(out / DOWNSTREAM)
+        for unit in running_units(out):  # a finished unit's marker (its worker died after writing) means nothing
+            if unit in results or unit.removeprefix("ft-") in finetuned:
+                (out / RUNNING / f"{unit}.pid").unlink(missing_ok=True)
         # in flight here, or in a worker of an earlier study process that is still alive
         busy = set().union(running_units(out), *(keys for _, keys in running.values()))
         units: list[tuple[str, dict[str, Any], set[str]]] = []
-        for group in ready_groups(settings, results):
-            runs = tuple(run for run in group.runs if run.key not in busy)
-            if runs:
-                units.append(("group", {"name": group.name, "runs": [asdict(r) for r in runs]},
-                              {r.key for r in runs}))
-        if args.wordnet:
+        if args.wordnet:  # first: short, and they need the final models, which a later session may not have
             keys = [run.key for run in downstream_runs(settings, results)
                     if run.key not in finetuned and f"ft-{run.key}" not in busy]
             for chunk in (keys[i::args.workers] for i in range(args.workers)):
                 if chunk:  # one process fine-tunes several models: start-up is paid once
                     units.append(("finetune", {"name": f"fine-tune {len(chunk)}", "keys": chunk},
                                   {f"ft-{key}" for key in chunk}))
-        while units and len(running) < args.workers:
+        for group in ready_groups(settings, results):
+            runs = tuple(run for run in group.runs if run.key not in busy)
+            if runs:
+                units.append(("group", {"name": group.name, "runs": [asdict(r) for r in runs]},
+                              {r.key for r in runs}))
+        while units:
+            elsewhere = running_units(out)  # workers of an earlier start of the study take a slot too
+            if len(running) + len({*elsewhere.values()} - {proc.pid for proc in running}) >= args.workers:
+                break
             kind, payload, keys = units.pop(0)
-            if keys & set().union(running_units(out), *(k for _, k in running.values())):
+            if keys & set().union(elsewhere, *(k for _, k in running.values())):
                 continue
             name = payload["name"]
             log = open(logs / f"{time.strftime('%H%M%S')}-{kind}-{len(running)}.log", "w")

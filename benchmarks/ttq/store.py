@@ -42,13 +42,14 @@ def mark_running(out: Path, unit: str) -> Path:
     return path
 
 
-def running_units(out: Path) -> set[str]:
-    """Units whose worker is still alive (a marker left by a killed worker does not count)."""
-    alive = set()
+def running_units(out: Path) -> dict[str, int]:
+    """Units whose worker is still alive, and that worker's pid (a marker left by a killed worker does not count)."""
+    alive = {}
     for path in (out / RUNNING).glob("*.pid") if (out / RUNNING).is_dir() else ():
         try:
-            os.kill(int(path.read_text() or 0), 0)
+            pid = int(path.read_text() or 0)
+            os.kill(pid, 0)
         except (ValueError, ProcessLookupError, PermissionError):
             continue
-        alive.add(path.stem)
+        alive[path.stem] = pid
     return alive
