@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
     if args.smoke:
         args.layers, args.hidden, args.heads, args.batch, args.budget_s = 2, 32, 2, 8, 1.5
-        args.lr_grid, args.thetas, args.limited_sequences, args.eval_batches = (1e-3, 2e-3), (0.5, 0.9), 32, 2
+        args.lr_grid, args.thetas, args.limited_sequences, args.eval_batches = (2e-3,), (0.5, 0.9), 32, 2
         args.downstream_per_class, args.finetune_max_steps, args.seeds = (4, 2), 3, (0, 1)
     factors = {}
     for item in args.steps_factor:
@@ -129,30 +129,35 @@ def data_folder(args: argparse.Namespace, out: Path) -> Path:
 
 
 def worker(args: argparse.Namespace, out: Path) -> int:
-    """One unit of work in this process: the calibration, a group of runs, or one fine-tuning."""
+    """The units given to this process, one after the other: the calibration, groups of runs, fine-tunings."""
     from ttq import runner
 
-    task = json.loads(args.worker)
     runner._setup(args.device, args.threads)
     data = data_folder(args, out)
-    if task["kind"] == "calibrate":
-        write_atomic(out / CALIBRATION, runner.calibrate(args.settings, data, out, args))
-    elif task["kind"] == "group":
-        group = Group(task["name"], tuple(RunSpec(**run) for run in task["runs"]))
-        runner.run_group(group, args.settings, data, out, args)
-    else:
-        from ttq.downstream import finetune
-
-        results = read_folder(out / RESULTS)
-        seq = read_json(out / CALIBRATION)["seq"]
-        for key in task["keys"]:
-            marker = mark_running(out, f"ft-{key}")
-            spec = results[key]["spec"]
-            scored = finetune(results[key]["final_dir"], out / "downstream_task", out / "finetune" / key, seq,
-                              seed=spec["seed"] + 1, max_steps=args.finetune_max_steps)
-            write_atomic(out / DOWNSTREAM / f"{key}.json", {"spec": spec, **scored})
-            marker.unlink(missing_ok=True)
+    tasks = json.loads(args.worker)
+    for task in [tasks] if isinstance(tasks, dict) else tasks:  # one unit, or a worker's share of them
+        if task["kind"] == "calibrate":
+            write_atomic(out / CALIBRATION, runner.calibrate(args.settings, data, out, args))
+        elif task["kind"] == "group":
+            group = Group(task["name"], tuple(RunSpec(**run) for run in task["runs"]))
+            runner.run_group(group, args.settings, data, out, args)
+        else:
+            finetune_all(task["keys"], out, args)
     return 0
+
+
+def finetune_all(keys: list[str], out: Path, args: argparse.Namespace) -> None:
+    from ttq.downstream import finetune
+
+    results = read_folder(out / RESULTS)
+    seq = read_json(out / CALIBRATION)["seq"]
+    for key in keys:
+        marker = mark_running(out, f"ft-{key}")
+        spec = results[key]["spec"]
+        scored = finetune(results[key]["final_dir"], out / "downstream_task", out / "finetune" / key, seq,
+                          seed=spec["seed"] + 1, max_steps=args.finetune_max_steps)
+        write_atomic(out / DOWNSTREAM / f"{key}.json", {"spec": spec, **scored})
+        marker.unlink(missing_ok=True)
 
 
 def report(args: argparse.Namespace, out: Path) -> dict:

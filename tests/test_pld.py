@@ -73,16 +73,24 @@ def test_bad_pld_block_is_rejected_naming_the_key(block, key):
 # --- model ----------------------------------------------------------------------------------------------------------
 
 def test_keep_frequency_matches_depth_schedule():
-    """Count how often each layer's forward actually runs and compare with p_l."""
+    """The model runs exactly the layers the seeded draw keeps, and the draws keep layer l with frequency p_l."""
     model = tiny_model(num_layers=6).train()
-    counts = [0] * 6
+    ran: list[int] = []
     for i, layer in enumerate(model.encoder.layers):
-        layer.register_forward_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+        layer.register_forward_hook(lambda *_, i=i: ran.append(i))
     ids, _ = batch(seq=4, size=1)
-    trials, theta = 3000, 0.4
+    theta = 0.4
     with torch.no_grad():
-        for t in range(trials):
+        for t in range(150):  # the model side: which forwards actually run
+            ran.clear()
             model(ids, progressive_layer_drop=True, pld_theta=theta, pld_seed=drop_seed(1, t, 0))
+            keep = ds_pld.pld.sample_keep_mask(theta, 6, drop_seed(1, t, 0))
+            assert ran == [i for i, kept in enumerate(keep) if kept]
+    trials = 20000  # the draw side: frequencies against the depth schedule
+    counts = [0] * 6
+    for t in range(trials):
+        for i, kept in enumerate(ds_pld.pld.sample_keep_mask(theta, 6, drop_seed(1, t, 0))):
+            counts[i] += kept
     for count, p in zip(counts, keep_probabilities(theta, 6)):
         tolerance = 4 * math.sqrt(p * (1 - p) / trials) + 1e-9
         assert abs(count / trials - p) < tolerance, (counts, p)

@@ -175,7 +175,7 @@ def test_smoke_study_runs_every_regime_and_resumes(tmp_path: Path, synthetic_wor
     study = json.loads((out / "study.json").read_text())
     assert study["calibration"]["plateau_accuracy"] > 0
     chosen = study["sweeps"]["chosen"]
-    assert chosen["pre_lr"] in (1e-3, 2e-3) and chosen["theta"] in (0.5, 0.9)
+    assert chosen["pre_lr"] == chosen["post_lr"] == 2e-3 and chosen["theta"] in (0.5, 0.9)
     for regime in plan.REGIMES:
         arms = study["regimes"][regime]["arms"]
         for arm, entry in arms.items():

@@ -146,10 +146,9 @@ def downstream_runs(settings: StudySettings, results: dict[str, Any]) -> list[Ru
     return [run for run in runs.values() if run.key in results and results[run.key].get("final_dir")]
 
 
-def worker_command(kind: str, payload: dict[str, Any], args: Any) -> list[str]:
+def worker_command(units: list[dict[str, Any]], args: Any) -> list[str]:
     script = Path(__file__).resolve().parents[1] / "time_to_quality.py"
-    return [sys.executable, str(script), "--out", args.out, "--worker", json.dumps({"kind": kind, **payload}),
-            *args.forwarded]
+    return [sys.executable, str(script), *args.forwarded, "--out", args.out, "--worker", json.dumps(units)]
 
 
 def study(settings: StudySettings, out: Path, args: Any) -> None:
@@ -158,7 +157,7 @@ def study(settings: StudySettings, out: Path, args: Any) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads or 1)}
     if read_json(out / CALIBRATION) is None:
-        subprocess.run(worker_command("calibrate", {}, args), check=True, env=env)
+        subprocess.run(worker_command([{"kind": "calibrate", "name": "calibration"}], args), check=True, env=env)
     running: dict[subprocess.Popen, tuple[str, set[str]]] = {}
     while True:
         results = read_folder(out / RESULTS)
@@ -168,31 +167,31 @@ def study(settings: StudySettings, out: Path, args: Any) -> None:
                 (out / RUNNING / f"{unit}.pid").unlink(missing_ok=True)
         # in flight here, or in a worker of an earlier study process that is still alive
         busy = set().union(running_units(out), *(keys for _, keys in running.values()))
-        units: list[tuple[str, dict[str, Any], set[str]]] = []
+        units: list[tuple[dict[str, Any], set[str]]] = []
         if args.wordnet:  # first: short, and they need the final models, which a later session may not have
             keys = [run.key for run in downstream_runs(settings, results)
                     if run.key not in finetuned and f"ft-{run.key}" not in busy]
-            for chunk in (keys[i::args.workers] for i in range(args.workers)):
-                if chunk:  # one process fine-tunes several models: start-up is paid once
-                    units.append(("finetune", {"name": f"fine-tune {len(chunk)}", "keys": chunk},
-                                  {f"ft-{key}" for key in chunk}))
+            if keys:
+                units.append(({"kind": "finetune", "name": f"fine-tune {len(keys)}", "keys": keys},
+                              {f"ft-{key}" for key in keys}))
         for group in ready_groups(settings, results):
             runs = tuple(run for run in group.runs if run.key not in busy)
             if runs:
-                units.append(("group", {"name": group.name, "runs": [asdict(r) for r in runs]},
+                units.append(({"kind": "group", "name": group.name, "runs": [asdict(r) for r in runs]},
                               {r.key for r in runs}))
-        while units:
-            elsewhere = running_units(out)  # workers of an earlier start of the study take a slot too
-            if len(running) + len({*elsewhere.values()} - {proc.pid for proc in running}) >= args.workers:
-                break
-            kind, payload, keys = units.pop(0)
-            if keys & set().union(elsewhere, *(k for _, k in running.values())):
+        elsewhere = running_units(out)  # workers of an earlier start of the study take a slot too
+        free = args.workers - len(running) - len({*elsewhere.values()} - {proc.pid for proc in running})
+        # What is ready now goes to the free workers round-robin, each running its share one unit after the other:
+        # a process start (seconds of imports and data loading) per worker, not per unit.
+        for share in (units[i::free] for i in range(max(0, free))):
+            if not share:
                 continue
-            name = payload["name"]
-            log = open(logs / f"{time.strftime('%H%M%S')}-{kind}-{len(running)}.log", "w")
-            print(f"[ttq] start {kind}: {name}", flush=True)
-            running[subprocess.Popen(worker_command(kind, payload, args), stdout=log, stderr=subprocess.STDOUT,
-                                     env=env)] = (name, keys)
+            keys = set().union(*(k for _, k in share))
+            names = "; ".join(unit["name"] for unit, _ in share)
+            log = open(logs / f"{time.strftime('%H%M%S')}-{len(running)}.log", "w")
+            print(f"[ttq] start: {names}", flush=True)
+            running[subprocess.Popen(worker_command([unit for unit, _ in share], args), stdout=log,
+                                     stderr=subprocess.STDOUT, env=env)] = (names, keys)
         if not running and not running_units(out):
             return
         time.sleep(1.0)
