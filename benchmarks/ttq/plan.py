@@ -155,7 +155,7 @@ def ready_groups(settings: StudySettings, results: Mapping[str, Any]) -> list[Gr
               Group("lr sweep post-LN", tuple(lr_sweep(settings, "post").values()))]
     if picked.pre_lr is not None:
         groups.append(Group("theta sweep, data-rich seed 0", tuple(theta_sweep(settings, picked.pre_lr).values())))
-    for regime in REGIMES:
+    for regime in (DATA_RICH, POST_LN, DATA_LIMITED):  # the post-LN comparison needs 2 runs of its own: first
         runs = regime_runs(settings, regime, picked)
         for seed in settings.seeds if runs else ():
             groups.append(Group(f"{regime} seed {seed}",

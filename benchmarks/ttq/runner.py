@@ -181,9 +181,9 @@ def study(settings: StudySettings, out: Path, args: Any) -> None:
                               {r.key for r in runs}))
         elsewhere = running_units(out)  # workers of an earlier start of the study take a slot too
         free = args.workers - len(running) - len({*elsewhere.values()} - {proc.pid for proc in running})
-        # What is ready now goes to the free workers round-robin, each running its share one unit after the other:
-        # a process start (seconds of imports and data loading) per worker, not per unit.
-        for share in (units[i::free] for i in range(max(0, free))):
+        # A free worker takes every `workers`-th ready unit and runs them one after the other: a process start
+        # (seconds of imports and data loading) per share, not per unit, and what is left waits for the next worker.
+        for share in (units[i::args.workers] for i in range(max(0, min(free, len(units))))):
             if not share:
                 continue
             keys = set().union(*(k for _, k in share))
