@@ -152,6 +152,17 @@ def test_report_verdicts_on_constructed_regimes() -> None:
     assert summary["goals"]["pld"]["time_met"] and not summary["goals"]["earlybert"]["time_met"]
     assert summary["goals"]["pld"]["downstream_within_1pt"] is None  # nothing fine-tuned: not claimed
     assert not summary["goals"]["pld"]["met"]
+    picked = plan.Choices(pre_lr=2e-3, post_lr=1e-3, theta=0.5)
+    accuracy = {"baseline": 0.80, "pld": 0.83, "earlybert": 0.77, "pld+earlybert": 0.795}
+    downstream = {run.key: {"accuracy": accuracy[arm] + 0.001 * seed}
+                  for (arm, seed), run in plan.regime_runs(SETTINGS, plan.DATA_RICH, picked).items()}
+    scored = report.regime_summary(SETTINGS, plan.DATA_RICH, results, downstream)
+    assert scored["arms"]["pld"]["downstream_vs_reference"]["verdict"] == "better"
+    assert scored["goals"]["pld"]["downstream_within_1pt"]  # 3 points better is "within 1 point" of not worse
+    assert scored["goals"]["pld"]["met"]  # in 0.7x of the time, and not worse downstream
+    goal = scored["goals"]["pld+earlybert"]  # 0.5 points below is within 1 point, but 0.98x of the time is not 0.8x
+    assert goal["downstream_within_1pt"] and not goal["time_met"] and not goal["met"]
+    assert not scored["goals"]["earlybert"]["downstream_within_1pt"]  # 3 points below
     same = report.regime_summary(SETTINGS, plan.DATA_RICH, _regime_results(
         dict.fromkeys(finals, 5.0), speed={}), {})
     assert same["arms"]["pld"]["verdict"].startswith("no difference")
