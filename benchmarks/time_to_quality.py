@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "timing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
+    args.forwarded = list(argv if argv is not None else sys.argv[1:])
     if args.smoke:
         args.layers, args.hidden, args.heads, args.batch, args.budget_s = 2, 32, 2, 8, 1.5
         args.lr_grid, args.thetas, args.limited_sequences, args.eval_batches = (2e-3,), (0.5, 0.9), 32, 2
@@ -134,8 +134,7 @@ def worker(args: argparse.Namespace, out: Path) -> int:
 
     runner._setup(args.device, args.threads)
     data = data_folder(args, out)
-    tasks = json.loads(args.worker)
-    for task in [tasks] if isinstance(tasks, dict) else tasks:  # one unit, or a worker's share of them
+    for task in json.loads(args.worker):
         if task["kind"] == "calibrate":
             write_atomic(out / CALIBRATION, runner.calibrate(args.settings, data, out, args))
         elif task["kind"] == "group":

@@ -54,13 +54,11 @@ def _synchronize(device: str):
     return torch.cuda.synchronize
 
 
-def _build(spec: RunSpec, settings: StudySettings, data: Path, out: Path, search_steps: int, eval_batches: int,
-           bf16: bool) -> Any:
-    from ds_pld.data import load_pretraining_data
+def _build(spec: RunSpec, settings: StudySettings, data: Path, seq: int, out: Path, search_steps: int,
+           eval_batches: int, bf16: bool) -> Any:
     from ds_pld.training.config import parse_run_config
     from ds_pld.training.run import build_run
 
-    seq = load_pretraining_data(data).max_seq_length
     folder = out / "runs" / spec.key
     shutil.rmtree(folder, ignore_errors=True)  # an unfinished run starts over
     config = parse_run_config(run_config(spec, settings, data, seq, search_steps, eval_batches, bf16))
@@ -79,7 +77,10 @@ def calibrate(settings: StudySettings, data: Path, out: Path, args: Any) -> dict
     from .budget import Clock
 
     spec = RunSpec(arm="baseline", seed=settings.seeds[0], lr=settings.lr_grid[0], budget_s=settings.budget_s)
-    run = _build(spec, settings, data, out / "calibration", 2, args.eval_batches, args.bf16)
+    from ds_pld.data import load_pretraining_data
+
+    seq = load_pretraining_data(data).max_seq_length
+    run = _build(spec, settings, data, seq, out / "calibration", 2, args.eval_batches, args.bf16)
     counts: Counter[int] = Counter()
     for index in range(args.eval_batches):
         start = index * run.micro_batch
@@ -111,7 +112,7 @@ def run_group(group: Group, settings: StudySettings, data: Path, out: Path, args
     arms = []
     markers = {spec.key: mark_running(out, spec.key) for spec in group.runs}
     for spec in group.runs:
-        run = _build(spec, settings, data, out, search, args.eval_batches, args.bf16)
+        run = _build(spec, settings, data, calibration["seq"], out, search, args.eval_batches, args.bf16)
         limited = spec.train_sequences is not None
         train_slice = run.data.train.select(range(min(len(run.data.train), args.eval_batches * run.micro_batch)))
         arm = Arm(spec, run, Budget(spec.budget_s, settings.warmup, settings.gamma_budget), args.clock,
