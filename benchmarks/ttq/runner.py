@@ -166,8 +166,8 @@ def study(settings: StudySettings, out: Path, args: Any) -> None:
         for unit in running_units(out):  # a finished unit's marker (its worker died after writing) means nothing
             if unit in results or unit.removeprefix("ft-") in finetuned:
                 (out / RUNNING / f"{unit}.pid").unlink(missing_ok=True)
-        # in flight here, or in a worker of an earlier study process that is still alive
-        busy = set().union(running_units(out), *(keys for _, keys in running.values()))
+        elsewhere = running_units(out)  # in flight, here or in a worker of an earlier start that is still alive
+        busy = set().union(elsewhere, *(keys for _, keys in running.values()))
         units: list[tuple[dict[str, Any], set[str]]] = []
         if args.wordnet:  # first: short, and they need the final models, which a later session may not have
             keys = [run.key for run in downstream_runs(settings, results)
@@ -180,7 +180,7 @@ def study(settings: StudySettings, out: Path, args: Any) -> None:
             if runs:
                 units.append(({"kind": "group", "name": group.name, "runs": [asdict(r) for r in runs]},
                               {r.key for r in runs}))
-        elsewhere = running_units(out)  # workers of an earlier start of the study take a slot too
+        # workers of an earlier start of the study take a slot too
         free = args.workers - len(running) - len({*elsewhere.values()} - {proc.pid for proc in running})
         # A free worker takes every `workers`-th ready unit and runs them one after the other: a process start
         # (seconds of imports and data loading) per share, not per unit, and what is left waits for the next worker.
