@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
@@ -74,43 +75,91 @@ def sample_keep_mask(theta: float, num_layers: int, seed: int | None) -> list[bo
     return [u < p for u, p in zip(draws, keep_probabilities(theta, num_layers))]
 
 
-class ProgressiveLayerDrop:
-    """The schedule object with DeepSpeed's old contract (`update_state`, `get_theta`, `get_state`)."""
+@dataclass(frozen=True)
+class Draw:
+    """One training forward's PLD decision: the step's theta and the seed its keep mask is drawn from."""
 
-    def __init__(self, theta: float = 0.5, gamma: float = 0.001):
+    theta: float
+    seed: int
+
+    def keep_mask(self, num_layers: int) -> list[bool]:
+        return sample_keep_mask(self.theta, num_layers, self.seed)
+
+
+class ProgressiveLayerDrop:
+    """The one PLD driver: the schedule and the drop draws, for every place PLD runs (the DeepSpeed plugin's forward
+    hook, the trainer, GLUE and the Hugging Face adapter). Pure bookkeeping, no torch module: a caller says which
+    optimizer step its micro-batches belong to (`start_step`), then takes one `draw()` per training forward.
+
+    Step s (0-based: the number of optimizer steps already taken) uses theta(s), so the first step runs every layer.
+    DeepSpeed <= 0.19.5 updated theta after the step with the pre-increment counter, so its step s used theta(s - 1).
+    Keeps DeepSpeed's old contract too (`update_state`, `get_theta`, `get_state`)."""
+
+    def __init__(self, theta: float = 0.5, gamma: float = 0.001, seed: int = 0):
         if not 0.0 < theta <= 1.0:
             raise ConfigError(f"'{BLOCK}.theta' = {theta} must be in (0, 1]")
-        if gamma < 0.0:
+        if not gamma >= 0.0:
             raise ConfigError(f"'{BLOCK}.gamma' = {gamma} must be >= 0")
-        self.theta_bar = float(theta)
-        self.gamma = float(gamma)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"'{BLOCK}.seed' = {seed!r} must be an integer >= 0")
+        self.theta_bar, self.gamma, self.seed = float(theta), float(gamma), seed
         self.global_step = 0
-        self.current_theta = 1.0
+        self.micro_step = 0
+        self._override: tuple[int, float] | None = None  # (step, theta) set by set_theta
 
-    def update_state(self, global_step: int) -> None:
-        """Set theta for the optimizer step about to be computed (global_step = number of steps already taken)."""
-        self.global_step = int(global_step)
-        self.current_theta = theta_at(self.global_step, self.theta_bar, self.gamma)
+    @classmethod
+    def from_config(cls, config: PLDConfig) -> ProgressiveLayerDrop:
+        if not config.enabled:
+            raise ConfigError(f"'{BLOCK}' is disabled in this config; no PLD driver is made for it")
+        return cls(theta=config.theta, gamma=config.gamma, seed=config.seed)
+
+    def theta_at(self, step: int) -> float:
+        """Theta of optimizer step `step`: the schedule's, or the one `set_theta` gave that step."""
+        if self._override is not None and self._override[0] == step:
+            return self._override[1]
+        return theta_at(step, self.theta_bar, self.gamma)
+
+    def start_step(self, step: int) -> None:
+        """The micro-batches of optimizer step `step` follow; a new step's micro-steps count from 0 again (calling
+        it again for the same step changes nothing, so a hook may call it before every forward)."""
+        step = int(step)
+        if step != self.global_step:
+            self.global_step, self.micro_step = step, 0
+
+    def restart_step(self) -> None:
+        """Count the current step's micro-steps from 0 again (after a checkpoint load)."""
+        self.micro_step = 0
+
+    def draw(self) -> Draw:
+        """The decision of the next training forward of the current step; the seed depends on (seed, step,
+        micro-step) only, so every rank draws alike and a resumed run redraws what the uninterrupted run drew."""
+        draw = Draw(self.theta_at(self.global_step), drop_seed(self.seed, self.global_step, self.micro_step))
+        self.micro_step += 1
+        return draw
 
     def set_theta(self, theta: float) -> None:
-        """Override theta for the next optimizer step, for a schedule driven by something other than the step
-        count (a time-budgeted study plans theta by the share of its budget spent); the next step's
-        `update_state` returns to the step schedule."""
+        """Override theta for the current optimizer step only, for a schedule driven by something other than the
+        step count (a time-budgeted study plans theta by the share of its budget spent)."""
         if not 0.0 < theta <= 1.0:
             raise ValueError(f"theta = {theta} must be in (0, 1]")
-        self.current_theta = float(theta)
+        self._override = (self.global_step, float(theta))
+
+    def update_state(self, global_step: int) -> None:
+        """DeepSpeed's old name for `start_step`."""
+        self.start_step(global_step)
 
     def get_theta(self) -> float:
-        return self.current_theta
+        return self.theta_at(self.global_step)
 
     def get_state(self) -> dict[str, Any]:
         """The keyword arguments a DeepSpeed <= 0.19.5 model expects in its forward."""
         return {"progressive_layer_drop": True, "pld_theta": self.get_theta()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"theta_bar": self.theta_bar, "gamma": self.gamma, "global_step": self.global_step,
-                "theta": self.current_theta}
+        return {"theta_bar": self.theta_bar, "gamma": self.gamma, "seed": self.seed, "global_step": self.global_step,
+                "theta": self.get_theta()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.update_state(int(state["global_step"]))
-
+        """The step resumes; the settings stay the config's (a resumed run may not change them silently)."""
+        self.start_step(int(state["global_step"]))
+        self.restart_step()

@@ -29,11 +29,11 @@ from ds_pld.models import build_model
 from ds_pld.optim import LambConfig
 from ds_pld.optim.moments import full_precision_state
 from ds_pld.optim.param_groups import no_weight_decay, weight_decay_groups
-from ds_pld.pld import expected_layers, theta_at
+from ds_pld.pld import ProgressiveLayerDrop, expected_layers, theta_at
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ("ds_pld/engine.py", "ds_pld/pld.py", "ds_pld/models", "ds_pld/optim", "ds_pld/kernels", "ds_pld/earlybert",
-        "ds_pld/algorithms")
+CORE = ("ds_pld/plugin.py", "ds_pld/plugin_state.py", "ds_pld/engine_checkpoint.py", "ds_pld/pld.py", "ds_pld/models",
+        "ds_pld/optim", "ds_pld/kernels", "ds_pld/earlybert", "ds_pld/algorithms")
 TRAINER = ("ds_pld.training", "ds_pld.data", "ds_pld.glue", "launch")
 VOCAB = 64
 
@@ -105,21 +105,22 @@ def test_events_fire_in_order_and_a_changed_loss_is_what_backward_gets(single_ra
                                (Event.AFTER_LOSS, 1), (Event.STEP_END, 2)]
     assert [r["seen"] for r in records] == [4, 8] and records[0]["loss"] > 0, "the record keeps the model's loss"
     assert all(torch.equal(before[name], p) for name, p in state.model.named_parameters())
-    assert state.engine.extra_state["recorder"] is recorder
+    assert ds_pld.plugin_of(state.engine).extra_state["recorder"] is recorder
 
 
-def test_pld_reports_each_steps_theta_and_refuses_an_engine_without_pld(single_rank_world):
+def test_pld_reports_each_steps_theta_and_refuses_an_engine_it_does_not_drive(single_rank_world):
     pld = {"enabled": True, "theta": 0.5, "gamma": 0.5}
     config = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "SGD", "params": {"lr": 0.01}},
               "progressive_layer_drop": pld}
     state = State(engine_for(tiny(slimming=False), config), lambda m, s: engine_for(m, config, s))
-    records = train(state, [ProgressiveLayerDropping()], steps=3)
+    algorithm = ds_pld.plugin_of(state.engine).pld  # the one driver: the engine's hook and the loop's metrics
+    records = train(state, [algorithm], steps=3)
     assert [r["pld_theta"] for r in records] == pytest.approx([theta_at(s, 0.5, 0.5) for s in range(3)])
     assert records[2]["expected_layers"] == pytest.approx(expected_layers(theta_at(2, 0.5, 0.5), 3))
     del config["progressive_layer_drop"]
     plain = State(engine_for(tiny(slimming=False), config), lambda m, s: engine_for(m, config, s))
-    with pytest.raises(ConfigError, match="progressive_layer_drop"):
-        train(plain, [ProgressiveLayerDropping()], steps=1)
+    with pytest.raises(ConfigError, match="not attached to the engine being trained"):
+        train(plain, [ProgressiveLayerDropping(ProgressiveLayerDrop(0.5, 0.5))], steps=1)
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ def write(path: Path, config: dict) -> Path:
 
 def test_core_imports_nothing_from_the_applications():
     """`import ds_pld` (the plugin: initialize, engine, PLD, models, optim) loads no trainer, data or GLUE module."""
-    code = ("import sys, ds_pld, ds_pld.engine, ds_pld.optim, ds_pld.earlybert; "
+    code = ("import sys, ds_pld, ds_pld.plugin, ds_pld.optim, ds_pld.earlybert; "
             "print(sorted(m for m in sys.modules if m.startswith(('ds_pld.training', 'ds_pld.data', 'ds_pld.glue'))))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -62,8 +62,9 @@ def test_initialize_accepts_a_trainer_config(single_rank_world):
     config = {"train_batch_size": 2, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
               "progressive_layer_drop": {"theta": 0.5, "gamma": 0.1}, **TRAINER_BLOCKS}
     engine, *_ = ds_pld.initialize(model=BertForPreTraining(model), config=config)
-    assert isinstance(engine.ds_pld_config, ds_pld.DsPldConfig) and engine.get_pld_theta() == 1.0
-    assert set(engine.ds_pld_config.deepspeed) == {"train_batch_size", "optimizer"}
+    plugin = ds_pld.plugin_of(engine)
+    assert isinstance(plugin.config, ds_pld.DsPldConfig) and plugin.pld_theta() == 1.0
+    assert set(plugin.config.deepspeed) == {"train_batch_size", "optimizer"}
     with pytest.raises(ConfigError, match="wandbb"):
         ds_pld.initialize(model=BertForPreTraining(model), config={**config, "wandbb": {}})
 

@@ -342,7 +342,7 @@ def test_detector_state_travels_in_engine_checkpoints_and_reads_fp32_masters(sin
     eb_config = EarlyBertConfig(check_every=1, window=2, lambda_head=1.0, lambda_ffn=1.0)
     engine, *_ = ds_pld.initialize(model=slim_model().train(), config=config)
     bird = EarlyBird(eb_config)
-    engine.extra_state["earlybert"] = bird
+    ds_pld.plugin_of(engine).extra_state["earlybert"] = bird
     search_steps(engine, bird, 3)
     assert bird.last_distance is not None and len(bird.masks) == 2
     heads, ffn = read_coefficients(engine.module)
@@ -351,12 +351,12 @@ def test_detector_state_travels_in_engine_checkpoints_and_reads_fp32_masters(sin
     module_values = torch.cat([layer.ffn_coef.detach().float() for layer in layers])
     assert not torch.equal(torch.cat(ffn), module_values)
     torch.testing.assert_close(torch.cat(ffn), module_values, atol=1e-2, rtol=0)
-    engine.save_checkpoint(str(tmp_path))
+    ds_pld.save_checkpoint(engine, tmp_path)
 
     engine2, *_ = ds_pld.initialize(model=slim_model().train(), config=config)
     resumed = EarlyBird(eb_config)
-    engine2.extra_state["earlybert"] = resumed
-    engine2.load_checkpoint(str(tmp_path))
+    ds_pld.plugin_of(engine2).extra_state["earlybert"] = resumed
+    ds_pld.load_checkpoint(engine2, tmp_path)
     assert resumed.last_step == 3 and resumed.last_distance == bird.last_distance
     assert all(torch.equal(a, b) for a, b in zip(resumed.masks, bird.masks))
     assert resumed.ticket(engine2.module) == bird.ticket(engine.module)

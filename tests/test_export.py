@@ -108,7 +108,7 @@ def test_export_from_a_deepspeed_checkpoint_with_the_cli(tmp_path, single_rank_w
     model = make_model()
     engine, *_ = ds_pld.initialize(model=model, config={"train_micro_batch_size_per_gpu": 1, "optimizer": {
         "type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}})
-    engine.save_checkpoint(str(tmp_path / "checkpoints"))
+    ds_pld.save_checkpoint(engine, tmp_path / "checkpoints")
     save_pretrained(model, tmp_path / "final", make_tokenizer())  # the run layout: final/tokenizer, checkpoints/
     cli = load_script(ROOT / "launch" / "export_hf.py")
     assert cli.main(["--model", str(tmp_path / "checkpoints"), "--output_dir", str(tmp_path / "hf")]) == 0

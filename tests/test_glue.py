@@ -386,6 +386,16 @@ def test_earlybert_finetuning_searches_draws_and_trains_the_pruned_model(tmp_pat
     assert run["dev"]["sst2"]["accuracy"] >= 0.9
 
 
+def test_finetuning_shares_the_divergence_check_and_stops_naming_task_and_seed(tmp_path, toy_model,
+                                                                               single_rank_world, one_thread):
+    """The pretraining loop's DivergenceGuard runs in fine-tuning too: a run whose loss or gradient norm stops being
+    finite ends with an error naming the task, the seed, the step and the key to change, not a NaN score."""
+    glue_dir = tmp_path / "glue"
+    write_sst2(glue_dir)
+    with pytest.raises(RuntimeError, match=r"fine-tuning .* with seed 1 diverged at step \d+.*'glue.learning_rate'"):
+        run_glue(toy_model, "sst2", tmp_path / "out", glue_config(learning_rate=1e30, epochs=0.5), glue_dir=glue_dir)
+
+
 def test_pruned_classifier_computes_what_the_masked_one_does(single_rank_world):
     """The draw keeps the classifier head and the kept units' weights; coefficients of pruned units set to 0 give
     the function the pruned model must reproduce."""

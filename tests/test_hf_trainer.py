@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from ds_pld.export.hf import to_hf_model
-from ds_pld.integrations.transformers import PLDAdapter, PLDCallback, PLDSettings, uses_zero3
+from ds_pld.integrations.transformers import PLDAdapter, PLDCallback, driver_for, uses_zero3
 from ds_pld.models import build_model
 from ds_pld.pld import PLDConfig, drop_seed, sample_keep_mask, theta_at
 
@@ -184,9 +184,9 @@ def test_adapter_refuses_what_it_cannot_handle():
     with pytest.raises(ValueError, match="exactly one"):
         PLDAdapter(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="theta"):
-        PLDSettings(theta=0.0)
+        PLDAdapter(tiny_model(), theta=0.0)
     with pytest.raises(ValueError, match="enabled = false"):
-        PLDSettings.of(PLDConfig(enabled=False))
+        driver_for(PLDConfig(enabled=False))
     callback = PLDCallback(PLDAdapter(tiny_model()))
     args = train_args(Path("unused"))
     with pytest.raises(ValueError, match="not attached"):

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from conftest import SCRIPTS, run_deepspeed
+from deepspeed.runtime.engine import DeepSpeedEngine
 
 import ds_pld
 from ds_pld.checkpoints import META_FILE
@@ -162,7 +163,7 @@ def test_engine_passes_pld_kwargs_and_updates_theta_per_optimizer_step(single_ra
     model = Recorder()
     config = engine_config(gradient_accumulation_steps=3)
     engine, *_ = ds_pld.initialize(model=model, config=config)
-    assert isinstance(engine, ds_pld.DsPldEngine)
+    assert type(engine) is DeepSpeedEngine  # DeepSpeed's own class: PLD rides on a forward pre-hook
     x = torch.randn(2, 4)
     for _ in range(4 * 3):
         loss = engine(x)
@@ -172,7 +173,7 @@ def test_engine_passes_pld_kwargs_and_updates_theta_per_optimizer_step(single_ra
     assert all(seen["progressive_layer_drop"] is True for seen in model.seen)
     # Step s (three micro-batches each) uses theta(s); no lag, no per-micro-batch update.
     assert thetas == [pytest.approx(theta_at(s, 0.5, 0.1)) for s in range(4) for _ in range(3)]
-    assert engine.get_pld_theta() == pytest.approx(theta_at(4, 0.5, 0.1))
+    assert ds_pld.plugin_of(engine).pld_theta() == pytest.approx(theta_at(4, 0.5, 0.1))
     model.eval()
     engine(x)
     assert model.seen[-1] == {"progressive_layer_drop": False, "pld_theta": None}
@@ -188,7 +189,7 @@ def test_config_from_args_and_path(single_rank_world, tmp_path):
     path.write_text(json.dumps(engine_config()))
     args = type("Args", (), {"deepspeed_config": str(path), "local_rank": 0})()
     engine, *_ = ds_pld.initialize(args=args, model=Recorder())
-    assert engine.get_pld_theta() == 1.0 and args.deepspeed_config == str(path)
+    assert ds_pld.plugin_of(engine).pld_theta() == 1.0 and args.deepspeed_config == str(path)
     with pytest.raises(ConfigError, match="does not exist"):
         ds_pld.initialize(config=str(tmp_path / "missing.json"), model=Recorder())
 
@@ -211,15 +212,15 @@ def test_checkpoint_continues_schedule_and_drop_decisions(single_rank_world, tmp
     resumed: list = []
     engine, *_ = ds_pld.initialize(model=tiny_model(), config=config)
     train(engine, 3, resumed)
-    engine.save_checkpoint(str(tmp_path))
+    ds_pld.save_checkpoint(engine, tmp_path)
     meta = json.loads((tmp_path / "global_step3" / META_FILE).read_text())
     assert meta["global_steps"] == 3 and meta["pld_theta"] == pytest.approx(theta_at(3, 0.5, 0.5))
     assert (tmp_path / "latest").read_text() == "global_step3"
 
     engine, *_ = ds_pld.initialize(model=tiny_model(), config=config)
-    path, _ = engine.load_checkpoint(str(tmp_path))
+    path, _ = ds_pld.load_checkpoint(engine, tmp_path)
     assert path is not None and engine.global_steps == 3
-    assert engine.get_pld_theta() == pytest.approx(theta_at(3, 0.5, 0.5))
+    assert ds_pld.plugin_of(engine).pld_theta() == pytest.approx(theta_at(3, 0.5, 0.5))
     train(engine, 3, resumed)
     assert resumed == straight
     assert any(layers < 4 for layers, _ in straight), "the schedule should have dropped a layer by step 5"
@@ -227,48 +228,64 @@ def test_checkpoint_continues_schedule_and_drop_decisions(single_rank_world, tmp
 
 def test_incomplete_checkpoint_is_not_resumed(single_rank_world, tmp_path):
     engine, *_ = ds_pld.initialize(model=tiny_model(), config=engine_config())
-    engine.save_checkpoint(str(tmp_path))
+    ds_pld.save_checkpoint(engine, tmp_path)
     (tmp_path / "global_step0" / META_FILE).unlink()
     with pytest.raises(ConfigError, match="incomplete"):
-        engine.load_checkpoint(str(tmp_path))
+        ds_pld.load_checkpoint(engine, tmp_path)
 
 
-def test_zero3_with_pld_needs_deepspeeds_private_gradient_buffer(single_rank_world, monkeypatch):
-    """The ZeRO-3 clearing of dropped layers' gradients goes through DeepSpeed's private
-    `grad_partitions_flat_buffer`. A DeepSpeed without it must be refused at initialize (naming the field and the
-    version) and at the step, not left to train dropped layers on stale gradients."""
-    import deepspeed
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-
-    from ds_pld.engine import zero3_grad_buffer
-
-    zero3 = engine_config(zero_optimization={"stage": 3})
-    engine, *_ = ds_pld.initialize(model=tiny_model(), config=zero3)
-    assert isinstance(zero3_grad_buffer(engine.optimizer), torch.Tensor)
-    ids, labels = batch()
-    engine.backward(engine(ids, labels=labels).loss)
-    engine.step()  # clears through the real field
-    del engine.optimizer.grad_partitions_flat_buffer  # the field vanishes: the next step must not skip the clear
-    engine.backward(engine(ids, labels=labels).loss)
-    with pytest.raises(ConfigError, match="grad_partitions_flat_buffer"):
-        engine.step()
-    engine.destroy()
-
-    # A DeepSpeed whose ZeRO-3 optimizer never creates the field: initialize refuses PLD with it.
-    real_setup = DeepSpeedZeroOptimizer_Stage3._setup_for_real_optimizer
-
-    def setup_without_buffer(self) -> None:
-        real_setup(self)
-        del self.grad_partitions_flat_buffer
-
-    monkeypatch.setattr(DeepSpeedZeroOptimizer_Stage3, "_setup_for_real_optimizer", setup_without_buffer)
-    message = rf"DeepSpeedZeroOptimizer_Stage3\.grad_partitions_flat_buffer.*DeepSpeed {deepspeed.__version__}"
-    with pytest.raises(ConfigError, match=message):
-        ds_pld.initialize(model=tiny_model(), config=zero3)
-    # Without PLD there is nothing to clear: the same DeepSpeed is fine.
-    plain = {**zero3, "progressive_layer_drop": {"enabled": False}}
+def test_zero3_with_pld_refuses_an_encoder_above_the_live_parameter_bound(single_rank_world):
+    """Under ZeRO-3, PLD trains right only with the encoder one ZeRO-3 leaf (tests/test_zero3_pld.py); an encoder
+    that does not fit `stage3_max_live_parameters` is refused before DeepSpeed builds anything, naming the key, and so
+    is a model without a BertEncoder."""
+    model = tiny_model()
+    size = sum(p.numel() for p in model.encoder.parameters())
+    small = engine_config(zero_optimization={"stage": 3, "stage3_max_live_parameters": size - 1})
+    with pytest.raises(ConfigError, match=rf"stage3_max_live_parameters' = {size - 1:,}.*at least {size:,}"):
+        ds_pld.initialize(model=model, config=small)
+    with pytest.raises(ConfigError, match="BertEncoder only.*zero_optimization.stage"):
+        ds_pld.initialize(model=Recorder(), config=engine_config(zero_optimization={"stage": 3}))
+    plain = {**small, "progressive_layer_drop": {"enabled": False}}  # without PLD the bound does not matter
     engine, *_ = ds_pld.initialize(model=tiny_model(), config=plain)
     engine.destroy()
+
+
+def test_attach_to_an_engine_built_by_deepspeed(single_rank_world):
+    """A user who calls deepspeed.initialize keeps the engine they have: `ds_pld.attach` drives PLD on it (theta per
+    optimizer step through the forward pre-hook), and its checkpoints carry the schedule."""
+    import deepspeed
+
+    config = engine_config(gradient_accumulation_steps=2)
+    model = Recorder()
+    engine, *_ = deepspeed.initialize(model=model, config={k: v for k, v in config.items()
+                                                           if k != "progressive_layer_drop"})
+    plugin = ds_pld.attach(engine, config)
+    assert ds_pld.plugin_of(engine) is plugin and type(engine) is DeepSpeedEngine
+    x = torch.randn(2, 4)
+    for _ in range(3 * 2):
+        loss = engine(x)
+        engine.backward(loss)
+        engine.step()
+    assert [seen["pld_theta"] for seen in model.seen] == [pytest.approx(theta_at(s, 0.5, 0.1)) for s in range(3)
+                                                          for _ in range(2)]
+    plugin.detach()
+    engine(x)
+    assert model.seen[-1] == {"progressive_layer_drop": False, "pld_theta": None}, "detach removes the hook"
+    with pytest.raises(ConfigError, match="no ds_pld plugin"):
+        ds_pld.plugin_of(torch.nn.Linear(1, 1))
+
+
+def test_initialize_acts_on_the_model_block_and_refuses_earlybert(single_rank_world):
+    """`model` builds the model when none is passed and is an error beside one; `earlybert` needs a training loop,
+    so ds_pld.initialize refuses it with one message naming the key, instead of silently ignoring it."""
+    block = {"preset": "bert-tiny", "num_layers": 2, "vocab_size": 64, "max_position_embeddings": 16}
+    config = {**engine_config(), "model": block}
+    engine, *_ = ds_pld.initialize(config=config)
+    assert engine.module.config.num_layers == 2 and ds_pld.plugin_of(engine).pld_theta() == 1.0
+    with pytest.raises(ConfigError, match="'model' block and a model was passed"):
+        ds_pld.initialize(model=tiny_model(), config=config)
+    with pytest.raises(ConfigError, match="'earlybert' is run by a training loop"):
+        ds_pld.initialize(model=tiny_model(), config={**engine_config(), "earlybert": {"max_search_steps": 10}})
 
 
 # --- distributed ----------------------------------------------------------------------------------------------------

@@ -191,7 +191,7 @@ def test_initialize_refuses_pld_for_a_post_ln_model_built_directly(single_rank_w
     # Without PLD the post-LN baseline trains through the engine.
     model = tiny()
     engine, *_ = ds_pld.initialize(model=model, config=engine_config(pld=False))
-    assert engine.progressive_layer_drop is None
+    assert ds_pld.plugin_of(engine).pld is None
     ids, labels, mask = batch()
     before = model.encoder.layers[0].attn_norm.weight.detach().clone()
     loss = engine(ids, attention_mask=mask, labels=labels).loss

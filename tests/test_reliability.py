@@ -22,6 +22,7 @@ import torch
 from conftest import ROOT, default_sigint, free_port, tiny_train_config
 from test_train import TRAIN, env, train
 
+import ds_pld
 from ds_pld.checkpoints import META_FILE, prune_checkpoints, read_checkpoint_meta, resolve_checkpoint
 from ds_pld.config_errors import ConfigError
 from ds_pld.training.config import LRScheduleConfig
@@ -248,7 +249,7 @@ def _tiny_engine():
 def _save_steps(engine, directory: Path, steps: list[int]) -> None:
     for step in steps:
         engine.global_steps = step
-        engine.save_checkpoint(str(directory))
+        ds_pld.save_checkpoint(engine, directory)
 
 
 def test_resume_verifies_sizes_and_falls_back_with_a_message_per_problem(single_rank_world, tmp_path, capsys):
@@ -276,7 +277,7 @@ def test_resume_verifies_sizes_and_falls_back_with_a_message_per_problem(single_
         assert found["tag"] == f"global_step{fallback}", name
         assert warning is not None and re.search(message, warning), (name, warning)
         assert "resuming from the newest intact checkpoint" in warning
-        path, _ = engine.load_checkpoint(str(tmp_path))  # the engine falls back the same way, and says so
+        path, _ = ds_pld.load_checkpoint(engine, tmp_path)  # the load falls back the same way, and says so
         assert Path(path).parent.name == f"global_step{fallback}" and "WARNING" in capsys.readouterr().out
         for step in (1, 2):
             if step == fallback or name != "truncated" and name != "unfinished":

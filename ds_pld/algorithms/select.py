@@ -7,12 +7,23 @@ from ds_pld.algorithms.base import Algorithm
 from ds_pld.algorithms.earlybert import EarlyBert, Prune
 from ds_pld.algorithms.pld import ProgressiveLayerDropping
 from ds_pld.earlybert import EarlyBertConfig, prune_model
+from ds_pld.pld import PLDConfig, ProgressiveLayerDrop
 
 
-def build_algorithms(pld: bool, earlybert: EarlyBertConfig | None, prune: Prune = prune_model,
-                     rewind_path: str | Path | None = None) -> list[Algorithm]:
-    """PLD first (it reads the step's theta before anything may swap the engine), then EarlyBERT."""
-    algorithms: list[Algorithm] = [ProgressiveLayerDropping()] if pld else []
+def build_algorithms(pld: PLDConfig | ProgressiveLayerDropping | None, earlybert: EarlyBertConfig | None,
+                     prune: Prune = prune_model, rewind_path: str | Path | None = None) -> list[Algorithm]:
+    """PLD first (it reads the step's theta before anything may swap the engine), then EarlyBERT. `pld`: the config
+    block (an algorithm is made when it is enabled) or an algorithm already attached to an engine."""
+    algorithms: list[Algorithm] = []
+    if isinstance(pld, ProgressiveLayerDropping):
+        algorithms.append(pld)
+    elif pld is not None and pld.enabled:
+        algorithms.append(ProgressiveLayerDropping(ProgressiveLayerDrop.from_config(pld)))
     if earlybert is not None:
         algorithms.append(EarlyBert(earlybert, prune=prune, rewind_path=rewind_path))
     return algorithms
+
+
+def find_algorithm(algorithms: list[Algorithm], kind: type[Algorithm]) -> Algorithm | None:
+    """The first algorithm of `kind` in the list, or None."""
+    return next((algorithm for algorithm in algorithms if isinstance(algorithm, kind)), None)

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from datasets import Dataset
 from deepspeed import comm as dist
+from deepspeed.runtime.engine import DeepSpeedEngine
 
-from ds_pld.engine import DsPldEngine
 from ds_pld.glue.metrics import compute_metrics
 from ds_pld.glue.tasks import GlueTask
 
@@ -20,7 +20,7 @@ def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[s
 
 
 @torch.no_grad()
-def predict(engine: DsPldEngine, dataset: Dataset, collate: Callable, batch_size: int,
+def predict(engine: DeepSpeedEngine, dataset: Dataset, collate: Callable, batch_size: int,
             regression: bool) -> np.ndarray:
     """Predictions for every example of `dataset`, in order. Each rank runs an equal share (the last shares are
     padded with repeats, which ZeRO-3 needs: every rank must run the same number of forwards), then they are
@@ -48,7 +48,7 @@ def predict(engine: DsPldEngine, dataset: Dataset, collate: Callable, batch_size
     return predictions if regression else predictions.astype(int)
 
 
-def evaluate(engine: DsPldEngine, task: GlueTask, dev: Mapping[str, Dataset], collate: Callable,
+def evaluate(engine: DeepSpeedEngine, task: GlueTask, dev: Mapping[str, Dataset], collate: Callable,
              batch_size: int) -> dict[str, dict[str, float]]:
     """GLUE metrics of every dev entry (`rte`, or `mnli-m` and `mnli-mm`)."""
     out = {}

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 from deepspeed import comm as dist
+from deepspeed.runtime.engine import DeepSpeedEngine
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase, set_seed
 
 from ds_pld.algorithms import EarlyBert, Event, State, build_algorithms, optimizer_step, run_event
-from ds_pld.engine import DsPldEngine
 from ds_pld.glue.config import GlueConfig
 from ds_pld.glue.data import collator
 from ds_pld.glue.evaluate import evaluate, to_device
@@ -34,6 +34,8 @@ from ds_pld.glue.model import SequenceClassifier, prune_classifier
 from ds_pld.glue.optimization import build_engine, deepspeed_config, training_steps
 from ds_pld.glue.tasks import GlueTask
 from ds_pld.models.bert import BertForPreTraining
+from ds_pld.plugin_state import plugin_of
+from ds_pld.training.divergence import DivergenceGuard, TrainingDiverged
 
 logger = logging.getLogger(__name__)
 
@@ -85,21 +87,34 @@ def finetune_run(task: GlueTask, seed: int, pretrained: BertForPreTraining, trai
     total = training_steps(settings, len(loader), accumulation, max_steps)
     warmup = int(settings.warmup_ratio * total)
 
-    def engine_for(module: SequenceClassifier, start_step: int = 0) -> DsPldEngine:
-        return build_engine(module, config, glue.weight_decay, warmup, total, start_step)
+    first = build_engine(model, config, glue.weight_decay, warmup, total)
+    pld = plugin_of(first).pld  # made by ds_pld.initialize when the DeepSpeed config turns PLD on
 
-    state = State(engine_for(model), engine_for)
-    algorithms = build_algorithms(state.engine.get_pld_theta() is not None, glue.earlybert, prune=prune_classifier)
+    def engine_for(module: SequenceClassifier, start_step: int = 0) -> DeepSpeedEngine:
+        return build_engine(module, config, glue.weight_decay, warmup, total, start_step, pld=pld)
+
+    state = State(first, engine_for)
+    algorithms = build_algorithms(pld, glue.earlybert, prune=prune_classifier)
     earlybert = next((a for a in algorithms if isinstance(a, EarlyBert)), None)
     batches = _epochs(loader, sampler)
     losses: list[float] = []  # mean loss of each optimizer step (this rank's micro-batches)
     learning_rates: list[float] = []  # the learning rate each optimizer step used
     pld_thetas: list[float] = []  # PLD's theta of each step, when the DeepSpeed config turns PLD on
+    guard = DivergenceGuard()  # the pretraining loop's check; no checkpoints here, so a divergence ends the run
     while state.step < total:
         learning_rates.append(float(state.engine.get_lr()[0]))
         micro_batches = (to_device(batch, state.engine.device) for batch in itertools.islice(batches, accumulation))
-        losses.append(float(optimizer_step(state, algorithms, micro_batches).mean_loss))
-        record = run_event(algorithms, Event.STEP_END, state)
+        result = optimizer_step(state, algorithms, micro_batches)
+        flag = guard.flag(state.engine, result.loss_sum)
+        dist.all_reduce(flag)  # every rank takes the same decision
+        losses.append(float(result.mean_loss))
+        state.record = {"non_finite": float(flag)}
+        try:
+            record = run_event([guard, *algorithms], Event.STEP_END, state)
+        except TrainingDiverged:
+            raise RuntimeError(f"fine-tuning {task.display} with seed {seed} diverged at step {state.step}: the loss "
+                               f"or the gradient norm is not finite; lower 'glue.learning_rate' "
+                               f"({settings.learning_rate:g})") from None
         if "pld_theta" in record:
             pld_thetas.append(record["pld_theta"])
         if "earlybert_drawn_step" in record and rank == 0:

@@ -12,11 +12,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from deepspeed.runtime.engine import DeepSpeedEngine
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 import ds_pld
-from ds_pld.engine import DsPldEngine
+from ds_pld.algorithms.pld import ProgressiveLayerDropping
 from ds_pld.glue.config import TaskSettings
 from ds_pld.optim.param_groups import weight_decay_groups
 from ds_pld.training.batch_size import resolve_batch_sizes
@@ -50,11 +51,13 @@ def deepspeed_config(base: Mapping[str, Any], settings: TaskSettings, weight_dec
 
 
 def build_engine(model: nn.Module, config: dict[str, Any], weight_decay: float, warmup: int, total: int,
-                 start_step: int = 0) -> DsPldEngine:
-    """A DeepSpeed engine whose schedule starts at optimizer step `start_step` (non-zero after an EarlyBERT draw)."""
+                 start_step: int = 0, pld: ProgressiveLayerDropping | None = None) -> DeepSpeedEngine:
+    """A DeepSpeed engine whose schedule starts at optimizer step `start_step` (non-zero after an EarlyBERT draw);
+    `pld`: the run's PLD algorithm, moved onto the new engine (None: ds_pld.initialize makes one if the config
+    enables PLD)."""
     def scheduler(optimizer: torch.optim.Optimizer) -> LambdaLR:
         return LambdaLR(optimizer, lambda step: linear_warmup_decay(step + start_step, warmup, total))
 
     engine, *_ = ds_pld.initialize(model=model, model_parameters=weight_decay_groups(model, weight_decay),
-                                   lr_scheduler=scheduler, config=config)
+                                   lr_scheduler=scheduler, config=config, pld=pld)
     return engine

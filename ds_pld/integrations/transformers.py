@@ -9,8 +9,10 @@ The Trainer builds its own optimizer and, with `TrainingArguments(deepspeed=...)
   no backward, so its parameters get no gradient); a kept layer's attention and FFN residual branches are scaled by
   1/p_l. In eval mode every layer runs, unscaled. Hooks and a per-layer forward wrapper do it, so parameter names,
   `save_pretrained` files and checkpoints stay transformers' own.
-* `PLDCallback` tells the adapter which optimizer step the Trainer is on. Theta and the drop decisions are pure
-  functions of (seed, optimizer step, micro-step) (`ds_pld.pld`), so every data-parallel rank drops the same layers
+* `PLDCallback` tells the adapter which optimizer step the Trainer is on. The adapter draws through ds_pld's one PLD
+  driver (`ds_pld.pld.ProgressiveLayerDrop`, the same one the DeepSpeed plugin's hook, the trainer and GLUE use):
+  theta and the drop decisions are pure functions of (seed, optimizer step, micro-step), so every data-parallel rank
+  drops the same layers
   and a run resumed with `resume_from_checkpoint` continues exactly where the uninterrupted run would be, with no
   state of its own to checkpoint. Step s (0-based: `state.global_step == s` during its micro-batches) uses
   theta(s), as `ds_pld.initialize` does.
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -31,7 +32,7 @@ from transformers.models.roberta_prelayernorm.modeling_roberta_prelayernorm impo
 )
 from transformers.training_args import ParallelMode
 
-from ds_pld.pld import drop_seed, keep_probabilities, sample_keep_mask, theta_at
+from ds_pld.pld import ProgressiveLayerDrop, keep_probabilities
 
 THETA_LOG_KEY = "pld_theta"
 
@@ -44,29 +45,11 @@ class SupportsPLDSettings(Protocol):
     seed: int
 
 
-@dataclass(frozen=True)
-class PLDSettings:
-    """theta: the schedule's floor theta_bar in (0, 1]; gamma: its decay rate per optimizer step (>= 0); seed: the
-    drop decisions' seed (>= 0), shared by all ranks."""
-
-    theta: float = 0.5
-    gamma: float = 0.001
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.theta <= 1.0:
-            raise ValueError(f"PLD theta = {self.theta} must be in (0, 1]")
-        if not self.gamma >= 0.0:
-            raise ValueError(f"PLD gamma = {self.gamma} must be >= 0")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"PLD seed = {self.seed!r} must be an integer >= 0")
-
-    @classmethod
-    def of(cls, config: SupportsPLDSettings) -> PLDSettings:
-        """The settings of a config object; one that says PLD is disabled is refused rather than silently used."""
-        if getattr(config, "enabled", True) is False:
-            raise ValueError("this PLD config has enabled = false; do not attach a PLDAdapter for it")
-        return cls(theta=float(config.theta), gamma=float(config.gamma), seed=int(config.seed))
+def driver_for(config: SupportsPLDSettings) -> ProgressiveLayerDrop:
+    """The PLD driver of a config object; one that says PLD is disabled is refused rather than silently used."""
+    if getattr(config, "enabled", True) is False:
+        raise ValueError("this PLD config has enabled = false; do not attach a PLDAdapter for it")
+    return ProgressiveLayerDrop(theta=float(config.theta), gamma=float(config.gamma), seed=int(config.seed))
 
 
 class _LayerGate:
@@ -106,13 +89,12 @@ class PLDAdapter:
     PEFT). Drive it with `PLDCallback`, or in a custom loop call `start_step(step)` before each optimizer step's
     micro-batches."""
 
-    def __init__(self, model: nn.Module, theta: float = 0.5, gamma: float = 0.001, seed: int = 0):
-        self.settings = PLDSettings(theta=theta, gamma=gamma, seed=seed)
+    def __init__(self, model: nn.Module, theta: float = 0.5, gamma: float = 0.001, seed: int = 0,
+                 driver: ProgressiveLayerDrop | None = None):
+        self.driver = driver or ProgressiveLayerDrop(theta=theta, gamma=gamma, seed=seed)
         self.model = model
         self.encoder = find_encoder(model)
         self.num_layers = len(self.encoder.layer)
-        self._step = 0
-        self._micro_step = 0
         self._keep: tuple[bool, ...] | None = None  # this forward's decisions; None: every layer, unscaled
         self._scales: tuple[float, ...] = (1.0,) * self.num_layers
         self._step_masks: list[tuple[bool, ...]] = []
@@ -126,18 +108,17 @@ class PLDAdapter:
     @classmethod
     def from_config(cls, model: nn.Module, config: SupportsPLDSettings) -> PLDAdapter:
         """Attach with the settings of a config object (`ds_pld.pld.PLDConfig` or anything with theta/gamma/seed)."""
-        settings = PLDSettings.of(config)
-        return cls(model, theta=settings.theta, gamma=settings.gamma, seed=settings.seed)
+        return cls(model, driver=driver_for(config))
 
     @property
     def step(self) -> int:
         """The optimizer step whose micro-batches run now (0-based)."""
-        return self._step
+        return self.driver.global_step
 
     @property
     def theta(self) -> float:
         """Theta of the current optimizer step: (1 - theta_bar) exp(-gamma step) + theta_bar."""
-        return theta_at(self._step, self.settings.theta, self.settings.gamma)
+        return self.driver.get_theta()
 
     @property
     def step_masks(self) -> tuple[tuple[bool, ...], ...]:
@@ -146,7 +127,9 @@ class PLDAdapter:
 
     def start_step(self, step: int) -> None:
         """Begin optimizer step `step` (= the Trainer's `state.global_step`): its micro-steps count from 0."""
-        self._step, self._micro_step, self._step_masks = int(step), 0, []
+        self.driver.start_step(step)
+        self.driver.restart_step()
+        self._step_masks = []
 
     def is_dropped(self, index: int) -> bool:
         """Whether layer `index` (0-based) is skipped in the forward now running."""
@@ -168,12 +151,10 @@ class PLDAdapter:
         if not encoder.training:
             self._keep, self._scales = None, (1.0,) * self.num_layers
             return
-        theta = self.theta
-        seed = drop_seed(self.settings.seed, self._step, self._micro_step)
-        self._keep = tuple(sample_keep_mask(theta, self.num_layers, seed))
-        self._scales = tuple(1.0 / p for p in keep_probabilities(theta, self.num_layers))
+        draw = self.driver.draw()
+        self._keep = tuple(draw.keep_mask(self.num_layers))
+        self._scales = tuple(1.0 / p for p in keep_probabilities(draw.theta, self.num_layers))
         self._step_masks.append(self._keep)
-        self._micro_step += 1
 
     def _scale_branch(self, index: int, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor
                       ) -> torch.Tensor | None:
@@ -242,8 +223,7 @@ class PLDCallback(TrainerCallback):
         run before user callbacks and do not see it; see docs/hf_trainer.md for charting it."""
         if logs is None or "loss" not in logs or state.global_step < 1:
             return
-        settings = self.adapter.settings
-        theta = theta_at(state.global_step - 1, settings.theta, settings.gamma)
+        theta = self.adapter.driver.theta_at(state.global_step - 1)
         logs[THETA_LOG_KEY] = theta
         last = state.log_history[-1] if state.log_history else None
         if last is not None and last.get("step") == state.global_step and "loss" in last:

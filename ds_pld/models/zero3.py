@@ -14,9 +14,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from deepspeed.utils import set_z3_leaf_module
+from deepspeed.utils import set_z3_leaf_module, z3_leaf_module
 from torch import nn
 
+from ds_pld.config_errors import ConfigError
 from ds_pld.models.bert import BertEncoder
 
 DEFAULT_MAX_LIVE_PARAMETERS = 10**9  # DeepSpeed's stage3_max_live_parameters default
@@ -29,17 +30,40 @@ def max_live_parameters(zero: Mapping[str, Any]) -> int:
 
 
 def prepare_zero3_pld(model: nn.Module, ds_config: Mapping[str, Any], pld_enabled: bool) -> list[nn.Module]:
-    """Under ZeRO-3 with PLD, make every BertEncoder of `model` one ZeRO-3 leaf, so PLD's drops keep ZeRO-3's trace
-    valid; return the encoders marked. Skipped (nothing marked) without PLD, below stage 3, for models without a
-    BertEncoder, and for an encoder larger than `stage3_max_live_parameters`, whose bound a leaf would break (it is
-    gathered whole). Must run before `deepspeed.initialize`: DeepSpeed reads the flags when it installs its hooks."""
+    """Under ZeRO-3 with PLD, make every BertEncoder of `model` one ZeRO-3 leaf, the only layout in which PLD trains
+    right under ZeRO-3 (a dropped layer then gets the zero gradient stages 0-2 give it, instead of keeping its last
+    gradient partition); return the encoders marked. Nothing is marked without PLD or below stage 3. Refused, naming
+    the key, for an encoder larger than `stage3_max_live_parameters` (a leaf is gathered whole) and for a model
+    without a BertEncoder. Must run before `deepspeed.initialize`: DeepSpeed reads the flags when it installs its
+    hooks."""
     zero = ds_config.get("zero_optimization") or {}
     if not pld_enabled or zero.get("stage") != 3:
         return []
+    encoders = _encoders(model)
     limit = max_live_parameters(zero)
-    marked = []
-    for module in model.modules():
-        if isinstance(module, BertEncoder) and sum(p.numel() for p in module.parameters()) <= limit:
-            set_z3_leaf_module(module, True)
-            marked.append(module)
-    return marked
+    for encoder in encoders:
+        size = sum(p.numel() for p in encoder.parameters())
+        if size > limit:
+            raise ConfigError(f"progressive_layer_drop under ZeRO-3 gathers the encoder as one unit ({size:,} "
+                              f"parameters), more than 'zero_optimization.stage3_max_live_parameters' = {limit:,}: "
+                              f"raise that bound to at least {size:,}, or use ZeRO stage 1-2")
+    for encoder in encoders:
+        set_z3_leaf_module(encoder, True)
+    return encoders
+
+
+def _encoders(model: nn.Module) -> list[nn.Module]:
+    encoders = [module for module in model.modules() if isinstance(module, BertEncoder)]
+    if not encoders:
+        raise ConfigError(f"progressive_layer_drop under ZeRO-3 is supported for ds_pld.models' BertEncoder only, "
+                          f"which it makes one ZeRO-3 leaf; {type(model).__name__} has none: use ZeRO stage 0-2 "
+                          "('zero_optimization.stage')")
+    return encoders
+
+
+def check_zero3_pld(model: nn.Module) -> None:
+    """For an engine built elsewhere (`ds_pld.attach`): every BertEncoder must already be a ZeRO-3 leaf."""
+    if not all(z3_leaf_module(encoder) for encoder in _encoders(model)):
+        raise ConfigError("progressive_layer_drop under ZeRO-3 needs the encoder to be one ZeRO-3 leaf before "
+                          "DeepSpeed installs its hooks: call ds_pld.models.zero3.prepare_zero3_pld(model, config, "
+                          "True) before deepspeed.initialize, or build the engine with ds_pld.initialize")

@@ -20,20 +20,18 @@ import torch
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def _partitioned(param: torch.nn.Parameter) -> bool:
-    """DeepSpeed keeps this parameter's fp32 state elsewhere (ZeRO-3 `ds_id`, ZeRO-1/2 and bf16 `_hp_mapping`)."""
-    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
+def _partitioned(engine) -> bool:
+    """DeepSpeed keeps the fp32 state away from the parameters (ZeRO 1-3, or a bf16/fp16 optimizer wrapper)."""
+    return bool(engine.zero_optimization_stage()) or engine.bfloat16_enabled() or engine.fp16_enabled()
 
 
 def fp32_value(param: torch.nn.Parameter) -> torch.Tensor:
-    """The value the optimizer holds: the fp32 master under DeepSpeed mixed precision / ZeRO, else the parameter
-    itself (frozen parameters have no master). Detached, fp32, on the CPU. A collective under ZeRO-3."""
-    master = None
-    if param.requires_grad and (hasattr(param, "_hp_mapping") or
-                                (hasattr(param, "ds_id") and hasattr(param, "_z3_optimizer"))):
-        from deepspeed.utils import safe_get_full_fp32_param
+    """The value the optimizer holds: the fp32 master under DeepSpeed mixed precision / ZeRO (DeepSpeed's public
+    `safe_get_full_fp32_param`, None for a parameter it holds no master for), else the parameter itself (frozen
+    parameters have no master). Detached, fp32, on the CPU. A collective under ZeRO-3."""
+    from deepspeed.utils import safe_get_full_fp32_param
 
-        master = safe_get_full_fp32_param(param)
+    master = safe_get_full_fp32_param(param) if param.requires_grad else None
     return (param if master is None else master).detach().float().cpu()
 
 
@@ -52,7 +50,7 @@ def read_moments(engine) -> dict[str, dict[str, torch.Tensor]] | None:
     """{name: {"exp_avg": ..., "exp_avg_sq": ...}} on the CPU, or None when the optimizer partitions its state or
     keeps no such state for some parameter (not an Adam-type optimizer, or no step taken yet)."""
     params = _trained(engine)
-    if any(_partitioned(param) for param in params.values()) or not hasattr(engine.optimizer, "state"):
+    if _partitioned(engine) or not hasattr(engine.optimizer, "state"):
         return None
     moments: dict[str, dict[str, torch.Tensor]] = {}
     for name, param in params.items():
@@ -71,7 +69,7 @@ def write_moments(engine, moments: Mapping[str, Mapping[str, torch.Tensor]], ste
     missing = sorted(set(params) - set(moments))
     if missing:
         raise KeyError(f"no moments for parameters {missing[:5]}")
-    if any(_partitioned(param) for param in params.values()) or not hasattr(engine.optimizer, "state"):
+    if _partitioned(engine) or not hasattr(engine.optimizer, "state"):
         return False
     for name, param in params.items():
         engine.optimizer.state[param] = {

@@ -5,6 +5,10 @@ data-parallel rank and hand the wrapped optimizer that slice; ZeRO-3 flattens th
 sub-group. A trust ratio computed on such a tensor would mix many parameters and see only part of some. For every
 flat tensor we record which piece of which original parameter lies where (a ShardLayout) plus an all-reduce over
 the group's data-parallel ranks, so Lamb can sum each parameter's squared norms over its pieces and ranks.
+
+This module is the one place that reads ZeRO's private partition layout (listed in docs/architecture.md): every
+wrapper's fields are asked for by name first (`_require`), so a DeepSpeed release that renames one fails at bind time
+with the field, the wrapper and the version named, never mid-training with a wrong trust ratio.
 """
 from __future__ import annotations
 
@@ -65,8 +69,27 @@ def _check_hp_mapping(params: Sequence[torch.Tensor], starts: list[int], sizes: 
                                f"DeepSpeed maps {theirs}")
 
 
+ZERO12_FIELDS = ("single_partition_of_fp32_groups", "real_dp_process_group", "partition_size",
+                 "round_robin_bit16_meta", "round_robin_bit16_offsets", "round_robin_bit16_groups")
+BF16_FIELDS = ("fp32_groups_flat_partition", "real_dp_process_group", "bf16_groups_flat", "bf16_groups")
+ZERO3_FIELDS = ("fp32_partitioned_groups_flat", "fp16_groups", "dp_process_group")
+
+
+def _require(wrapper: Any, fields: tuple[str, ...]) -> None:
+    """The private fields of DeepSpeed's optimizer wrapper this bridge reads, or one clear error."""
+    missing = [name for name in fields if not hasattr(wrapper, name)]
+    if missing:
+        import deepspeed
+
+        raise ConfigError(f"Lamb under ZeRO reads {type(wrapper).__name__}.{{{', '.join(missing)}}}, which DeepSpeed "
+                          f"{deepspeed.__version__} does not have (ds_pld supports DeepSpeed 0.17-0.19): use another "
+                          "optimizer type, or a supported DeepSpeed")
+
+
 def _zero12_layouts(wrapper: Any, reducer: Callable[[Any], AllReduce | None]) -> dict[torch.Tensor, ShardLayout]:
     from deepspeed import comm as dist
+
+    _require(wrapper, ZERO12_FIELDS)
 
     layouts = {}
     for i, flat in enumerate(wrapper.single_partition_of_fp32_groups):
@@ -82,6 +105,8 @@ def _zero12_layouts(wrapper: Any, reducer: Callable[[Any], AllReduce | None]) ->
 
 def _bf16_layouts(wrapper: Any, reducer: Callable[[Any], AllReduce | None]) -> dict[torch.Tensor, ShardLayout]:
     from deepspeed import comm as dist
+
+    _require(wrapper, BF16_FIELDS)
 
     layouts = {}
     for i, flat in enumerate(wrapper.fp32_groups_flat_partition):
@@ -101,6 +126,7 @@ def _zero3_layouts(wrapper: Any, reducer: Callable[[Any], AllReduce | None]) -> 
     last piece padded); a sub-group's fp32 tensor is the concatenation of its parameters' padded partitions."""
     from deepspeed import comm as dist
 
+    _require(wrapper, ZERO3_FIELDS)
     groups = getattr(wrapper, "sub_group_process_groups", None)
     layouts = {}
     for i, flat in enumerate(wrapper.fp32_partitioned_groups_flat):

@@ -1,2 +1,2 @@
-"""The pretraining job around the plugin core: config blocks, the run, its step, evaluation, checkpoints and
-outputs (`ds_pld.training.pretrain` is the loop)."""
+"""The pretraining job around the plugin core: config blocks, the frozen run, its step, and the callbacks that act
+after it (divergence check, evaluation, metrics, checkpoints); `ds_pld.training.pretrain` is the loop."""

@@ -1,14 +1,17 @@
-"""A pretraining run's inputs: the packed dataset (prepared on first use) and the model config it fits."""
+"""A pretraining run's inputs: the packed dataset (prepared on first use), the model config it fits, and the
+masked batches drawn from it with seeds that depend on their position only."""
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from deepspeed import comm as dist
 
 from ds_pld.config_errors import ConfigError
-from ds_pld.data import PretrainingData, check_seq_length, load_pretraining_data, prepare_dataset
+from ds_pld.data import MLMMasker, PretrainingData, check_seq_length, load_pretraining_data, prepare_dataset
 from ds_pld.models import BertConfig, build_bert_config
 from ds_pld.training.config import RunConfig
 
@@ -48,3 +51,17 @@ def model_config(config: RunConfig, data: PretrainingData, meta: dict[str, Any] 
     model = spec.with_updates(**overrides)
     check_seq_length(data.max_seq_length, model.max_position_embeddings)
     return model
+
+
+def derived_seed(*parts: int) -> int:
+    """A seed that depends only on its parts (position in training), so a resumed run draws the same numbers."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def masked_batch(masker: MLMMasker, rows: torch.Tensor, mask_seed: int, device: torch.device
+                 ) -> dict[str, torch.Tensor]:
+    """MLM-masked rows on `device`."""
+    batch = masker(rows, seed=mask_seed)
+    if bool(batch["attention_mask"].all()):
+        del batch["attention_mask"]  # packed sequences: no mask lets SDPA pick its fastest kernel
+    return {key: value.to(device) for key, value in batch.items()}

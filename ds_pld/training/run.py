@@ -1,70 +1,78 @@
-"""A pretraining run on this rank: what the loop (ds_pld.training.pretrain) works on, assembled by `build_run`
-from the config, the run folder and the checkpoint it resumes. The step, evaluation, rollback and outputs are
-functions of the run in their own modules."""
+"""A pretraining run on this rank: what the loop (ds_pld.training.pretrain) works on, assembled once by `build_run`
+from the config, the run folder and the checkpoint it resumes. The run itself is frozen; what changes during
+training lives with its owner: the engine in the event bus's `State`, the rollback state in the `DivergenceGuard`,
+the metrics file and W&B run in `MetricsLog`, the run folder's lock in `Checkpointing`."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from deepspeed import comm as dist
+from deepspeed.runtime.engine import DeepSpeedEngine
 from torch import nn
 
 import ds_pld
 from ds_pld.algorithms import Algorithm, State, build_algorithms, register_checkpoint_state
+from ds_pld.algorithms.pld import ProgressiveLayerDropping
+from ds_pld.algorithms.select import find_algorithm
 from ds_pld.config_errors import ConfigError
 from ds_pld.data import MLMMasker, PretrainingData, StepBatches
 from ds_pld.earlybert import validate_for_model
-from ds_pld.engine import DsPldEngine
 from ds_pld.models import BertForPreTraining
 from ds_pld.optim.param_groups import weight_decay_groups
+from ds_pld.plugin_state import plugin_of
 from ds_pld.training.batch_size import resolve_batch_sizes
 from ds_pld.training.config import RunConfig
-from ds_pld.training.divergence import DIVERGENCE_STATE, DivergenceState, scale_lr
+from ds_pld.training.divergence import DivergenceGuard, scale_lr
+from ds_pld.training.evaluate import Evaluation, Validation
 from ds_pld.training.inputs import load_data, model_config
-from ds_pld.training.lock import RunFolderLock, lock_run_folder
-from ds_pld.training.metrics import MetricsFile, read_metrics
+from ds_pld.training.lock import lock_run_folder
+from ds_pld.training.outputs import Checkpointing, MetricsLog
 from ds_pld.training.resume import check_resume, resume_point
 from ds_pld.training.schedules import build_lr_scheduler
-from ds_pld.training.tracking import WandbTracker
+
+__all__ = ["PretrainingRun", "build_run", "resolve_batch_sizes"]
 
 CHECKPOINT_DIR = "checkpoints"
 REWIND_FILE = "earlybert_rewind.pt"
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class PretrainingRun:
-    """One pretraining job on this rank: plain state, no behaviour. `build_run` makes it; train_step, evaluate,
-    roll_back, save_checkpoint and finish are functions of it."""
+    """One pretraining job on this rank. `algorithms`: the speed-ups (PLD, EarlyBERT); `callbacks`: the loop's own
+    duties after a step (evaluation, metrics log, checkpointing); `guard`: the divergence check, first at STEP_END."""
 
     config: RunConfig
     output_dir: Path
     rank: int
     world_size: int
-    lock: RunFolderLock | None
     ds_config: dict[str, Any]  # the DeepSpeed block with the batch-size triple resolved
     micro_batch: int
     accumulation: int
     resumed_from: int | None  # the checkpoint's step
-    schedule_steps: int  # what the learning-rate schedule is planned for
     data: PretrainingData
     batches: StepBatches
     masker: MLMMasker
+    state: State
+    guard: DivergenceGuard
     algorithms: list[Algorithm]
-    divergence: DivergenceState = field(default_factory=DivergenceState)
-    state: State | None = None  # the engine, once built
-    metrics: MetricsFile | None = None  # rank 0's metrics.jsonl
-    tracker: WandbTracker | None = None
-    diverged_at: int | None = None
+    callbacks: list[Algorithm]
+
+    @property
+    def events(self) -> list[Algorithm]:
+        """Everything that acts on the step's events, in order."""
+        return [self.guard, *self.algorithms, *self.callbacks]
 
     @property
     def checkpoint_dir(self) -> Path:
         return self.output_dir / CHECKPOINT_DIR
 
     @property
-    def engine(self) -> DsPldEngine:
+    def engine(self) -> DeepSpeedEngine:
         return self.state.engine
 
     @property
@@ -80,23 +88,48 @@ class PretrainingRun:
     def seed(self) -> int:
         return self.config.training.seed
 
+    @property
+    def metrics_log(self) -> MetricsLog:
+        return find_algorithm(self.callbacks, MetricsLog)
 
-def build_engine(run: PretrainingRun, model: nn.Module, start_step: int = 0) -> DsPldEngine:
-    """An engine for `model` whose LR schedule starts at `start_step` (non-zero: EarlyBERT's rebuilt engine, which
-    keeps a rollback's lr scale too), with the algorithms' and the rollback state in its checkpoints."""
-    schedule = run.config.lr_schedule
-    scheduler = None if schedule is None else (
-        lambda optimizer: build_lr_scheduler(optimizer, schedule, run.schedule_steps, start_step))
-    optimizer_type = str((run.ds_config.get("optimizer") or {}).get("type", "")).lower()
-    groups = None if optimizer_type in ("", "lamb") else weight_decay_groups(model)
-    config = dataclasses.replace(run.config, deepspeed=run.ds_config)
-    engine, *_ = ds_pld.initialize(model=model, model_parameters=groups, config=config, lr_scheduler=scheduler)
-    if start_step and run.divergence.lr_scale != 1.0:
-        scale_lr(engine, run.divergence.lr_scale)
-    register_checkpoint_state(engine, run.algorithms)
-    engine.extra_state[DIVERGENCE_STATE] = run.divergence
-    engine.checkpoint_meta.update(seed=run.seed, max_steps=run.max_steps, schedule_steps=run.schedule_steps)
-    return engine
+    @property
+    def evaluation(self) -> Evaluation:
+        return find_algorithm(self.callbacks, Evaluation)
+
+    @property
+    def checkpointing(self) -> Checkpointing:
+        return find_algorithm(self.callbacks, Checkpointing)
+
+
+@dataclass(frozen=True)
+class EngineFactory:
+    """Builds the run's engines: the first, and EarlyBERT's rebuilt one whose LR schedule starts at `start_step`
+    (keeping a rollback's lr scale), each with the PLD algorithm moved onto it and the run's state in its
+    checkpoints."""
+
+    config: RunConfig
+    ds_config: dict[str, Any]
+    schedule_steps: int
+    guard: DivergenceGuard
+    stateful: Sequence[Algorithm]
+    meta: dict[str, Any]
+
+    def __call__(self, model: nn.Module, start_step: int = 0) -> DeepSpeedEngine:
+        schedule = self.config.lr_schedule
+        scheduler = None if schedule is None else (
+            lambda optimizer: build_lr_scheduler(optimizer, schedule, self.schedule_steps, start_step))
+        optimizer_type = str((self.ds_config.get("optimizer") or {}).get("type", "")).lower()
+        groups = None if optimizer_type in ("", "lamb") else weight_decay_groups(model)
+        # The trainer owns the model and EarlyBERT; the plugin gets the DeepSpeed part and PLD.
+        config = dataclasses.replace(self.config, deepspeed=self.ds_config, model=None, earlybert=None)
+        pld = next((a for a in self.stateful if isinstance(a, ProgressiveLayerDropping)), None)
+        engine, *_ = ds_pld.initialize(model=model, model_parameters=groups, config=config, lr_scheduler=scheduler,
+                                       pld=pld)
+        if start_step and self.guard.state.lr_scale != 1.0:
+            scale_lr(engine, self.guard.state.lr_scale)
+        register_checkpoint_state(engine, [self.guard, *self.stateful])
+        plugin_of(engine).checkpoint_meta.update(self.meta)
+        return engine
 
 
 def build_run(config: RunConfig, output_dir: str | Path, resume: bool, *, replan_schedule: bool = False,
@@ -112,35 +145,42 @@ def build_run(config: RunConfig, output_dir: str | Path, resume: bool, *, replan
         micro_batch, accumulation = resolve_batch_sizes(ds_config, world_size)
     except ConfigError as err:
         raise ConfigError(f"{config.source}: {err}") from None
-    meta = resume_point(output_dir / CHECKPOINT_DIR, resume, rank)
+    checkpoint_dir = output_dir / CHECKPOINT_DIR
+    meta = resume_point(checkpoint_dir, resume, rank)
     schedule_steps = config.training.max_steps if meta is None else check_resume(
-        meta, output_dir / CHECKPOINT_DIR, config.training.max_steps, world_size, rank, replan_schedule,
-        allow_world_size_change)
+        meta, checkpoint_dir, config.training.max_steps, world_size, rank, replan_schedule, allow_world_size_change)
     data = load_data(config, output_dir, rank)
     model = model_config(config, data, meta)
     if config.earlybert is not None:
         validate_for_model(config.earlybert, model)
-    run = PretrainingRun(
-        config=config, output_dir=output_dir, rank=rank, world_size=world_size, lock=lock, ds_config=ds_config,
-        micro_batch=micro_batch, accumulation=accumulation,
-        resumed_from=None if meta is None else int(meta["global_steps"]), schedule_steps=schedule_steps, data=data,
-        batches=StepBatches(data.train, micro_batch, accumulation, world_size, rank, seed),
-        masker=MLMMasker(data.tokenizer, config.data.mlm_probability),
-        algorithms=build_algorithms(config.pld.enabled, config.earlybert, rewind_path=output_dir / REWIND_FILE))
+    guard = DivergenceGuard(config.training, checkpoint_dir, rank)
+    algorithms = build_algorithms(config.pld, config.earlybert, rewind_path=output_dir / REWIND_FILE)
+    build_engine = EngineFactory(config, ds_config, schedule_steps, guard, algorithms,
+                                 {"seed": seed, "max_steps": config.training.max_steps,
+                                  "schedule_steps": schedule_steps})
     torch.manual_seed(seed)
-    run.state = State(build_engine(run, BertForPreTraining(model)), lambda m, step: build_engine(run, m, step))
+    state = State(build_engine(BertForPreTraining(model)), build_engine)
     if meta is not None:
-        run.engine.load_checkpoint(str(run.checkpoint_dir), tag=meta["tag"])
-    run.metrics = MetricsFile(output_dir / "metrics.jsonl", run.resumed_from) if rank == 0 else None
-    run.tracker = WandbTracker(config.wandb, output_dir, rank, run_summary(run), resume)
-    if run.metrics is not None and run.resumed_from is not None:
-        run.tracker.replay(read_metrics(run.metrics.path), run.resumed_from)
-    return run
+        ds_pld.load_checkpoint(state.engine, checkpoint_dir, tag=meta["tag"])
+    masker = MLMMasker(data.tokenizer, config.data.mlm_probability)
+    resumed_from = None if meta is None else int(meta["global_steps"])
+    validation = Validation(data.validation, masker, micro_batch, config.training.eval_batches, seed, rank,
+                            world_size)
+    metrics_log = MetricsLog(output_dir, rank, config.wandb, run_summary(config, state, ds_config, world_size),
+                             resumed_from)
+    callbacks: list[Algorithm] = [
+        Evaluation(validation, config.training.eval_every, config.training.max_steps), metrics_log,
+        Checkpointing(output_dir, checkpoint_dir, rank, config.training, config.pld, guard, data.tokenizer, lock)]
+    return PretrainingRun(
+        config=config, output_dir=output_dir, rank=rank, world_size=world_size, ds_config=ds_config,
+        micro_batch=micro_batch, accumulation=accumulation, resumed_from=resumed_from, data=data,
+        batches=StepBatches(data.train, micro_batch, accumulation, world_size, rank, seed), masker=masker,
+        state=state, guard=guard, algorithms=algorithms, callbacks=callbacks)
 
 
-def run_summary(run: PretrainingRun) -> dict[str, Any]:
+def run_summary(config: RunConfig, state: State, ds_config: dict[str, Any], world_size: int) -> dict[str, Any]:
     """What W&B records as the run's config."""
-    config = run.config
-    return {"model": run.engine.module.config.to_dict(), "deepspeed": run.ds_config, "world_size": run.world_size,
-            "pld": dataclasses.asdict(config.pld), "seed": run.seed, "max_steps": run.max_steps,
+    return {"model": state.model.config.to_dict(), "deepspeed": ds_config, "world_size": world_size,
+            "pld": dataclasses.asdict(config.pld), "seed": config.training.seed,
+            "max_steps": config.training.max_steps,
             "earlybert": None if config.earlybert is None else dataclasses.asdict(config.earlybert)}

@@ -24,11 +24,11 @@ def lr_multiplier(step: int, config: LRScheduleConfig, total_steps: int) -> floa
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: LRScheduleConfig, total_steps: int,
                        start_step: int = 0) -> LambdaLR:
     """A LambdaLR (its state goes into DeepSpeed checkpoints); `start_step` positions it for an engine rebuilt
-    mid-run (EarlyBERT's draw)."""
-    scheduler = LambdaLR(optimizer, functools.partial(lr_multiplier, config=config, total_steps=total_steps))
-    if start_step:
-        scheduler.last_epoch = start_step
-        for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
-            group["lr"] = lr
-        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-    return scheduler
+    mid-run (EarlyBERT's draw): torch's own resume path (`last_epoch`, with each group's `initial_lr` = its peak)
+    sets the groups' learning rate for that step, and the step count stays absolute in its checkpoints."""
+    multiplier = functools.partial(lr_multiplier, config=config, total_steps=total_steps)
+    if not start_step:
+        return LambdaLR(optimizer, multiplier)
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return LambdaLR(optimizer, multiplier, last_epoch=start_step - 1)

@@ -1,38 +1,25 @@
 """One pretraining step: the micro-batches of its data position through the algorithms' step, one all-reduce for
-loss, stop request and divergence, and the metrics record."""
+loss, stop request and divergence, the metrics record, and STEP_END (the divergence check first)."""
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from deepspeed import comm as dist
 
 from ds_pld.algorithms import Event, optimizer_step, run_event
-from ds_pld.training.divergence import TrainingDiverged, latest_checkpoint, non_finite
+from ds_pld.training.inputs import derived_seed, masked_batch
 from ds_pld.training.run import PretrainingRun
-
-
-def derived_seed(*parts: int) -> int:
-    """A seed that depends only on its parts (position in training), so a resumed run draws the same numbers."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-
-
-def masked_batch(run: PretrainingRun, rows: torch.Tensor, mask_seed: int) -> dict[str, torch.Tensor]:
-    """MLM-masked rows on the engine's device."""
-    batch = run.masker(rows, seed=mask_seed)
-    if bool(batch["attention_mask"].all()):
-        del batch["attention_mask"]  # packed sequences: no mask lets SDPA pick its fastest kernel
-    return {key: value.to(run.engine.device) for key, value in batch.items()}
 
 
 def micro_batches(run: PretrainingRun, position: int) -> Iterator[dict[str, torch.Tensor]]:
     """The micro-batches of data position `position`, each with dropout seeded by its position (resumes replay)."""
     for micro in range(run.accumulation):
         torch.manual_seed(derived_seed(run.seed, position, micro, run.rank))
-        yield masked_batch(run, run.batches.examples(position, micro), run.batches.mask_seed(position, micro))
+        yield masked_batch(run.masker, run.batches.examples(position, micro), run.batches.mask_seed(position, micro),
+                           run.engine.device)
 
 
 def optimizer_stats(engine: Any) -> dict[str, float]:
@@ -45,26 +32,26 @@ def optimizer_stats(engine: Any) -> dict[str, float]:
 
 
 def train_step(run: PretrainingRun, stop_requested: bool = False) -> tuple[dict[str, Any], bool]:
-    """One optimizer step; returns its metrics record and whether any rank asked to stop (decided together, so
-    every rank stops at the same step). Raises TrainingDiverged, on every rank, when the step is not finite."""
-    position = run.step + run.divergence.data_offset  # the data read at this step (rollbacks skip batches)
+    """One optimizer step; returns its metrics record (also `run.state.record`) and whether any rank asked to stop
+    (decided together, so every rank stops at the same step; also `run.state.stopping`). Raises TrainingDiverged,
+    on every rank, when the step is not finite."""
+    state = run.state
+    position = run.step + run.guard.state.data_offset  # the data read at this step (rollbacks skip batches)
     started = time.perf_counter()
     run.engine.module.train()
-    result = optimizer_step(run.state, run.algorithms, micro_batches(run, position))
+    result = optimizer_step(state, run.events, micro_batches(run, position))
     device = run.engine.device
     shared = torch.stack([result.mean_loss, torch.tensor(float(stop_requested), device=device),
-                          non_finite(run.engine, result.loss_sum)])
+                          run.guard.flag(run.engine, result.loss_sum)])
     dist.all_reduce(shared)  # one sync per step: loss, stop request and divergence together
     loss, stop, diverged = shared.tolist()  # the host waits for the device here: the clock is read after it
     elapsed = time.perf_counter() - started
     samples = run.micro_batch * run.accumulation * run.world_size
-    record: dict[str, Any] = {
+    state.stopping = stop > 0
+    state.record = {
         "step": run.step, "loss": loss / run.world_size, "lr": float(run.engine.get_lr()[0]),
         "layers_run": result.layers_run / run.accumulation, "samples_per_sec": samples / elapsed,
         "tokens_per_sec": samples * run.data.max_seq_length / elapsed, "step_time": elapsed,
-        "epoch": run.batches.epoch(position), **optimizer_stats(run.engine)}
-    if diverged > 0:
-        run.diverged_at = run.step
-        raise TrainingDiverged(run.step, record, latest_checkpoint(run.checkpoint_dir))
-    record.update(run_event(run.algorithms, Event.STEP_END, run.state))
-    return record, stop > 0
+        "epoch": run.batches.epoch(position), **optimizer_stats(run.engine), "non_finite": diverged}
+    run_event(run.events, Event.STEP_END, state)
+    return state.record, state.stopping

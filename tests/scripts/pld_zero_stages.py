@@ -45,7 +45,7 @@ def run(stage: int, checkpointing: bool, reference: torch.Tensor | None, clear_z
         for _ in range(engine.gradient_accumulation_steps()):
             ids = torch.randint(5, VOCAB, (2, SEQ), generator=generator)
             labels = torch.where(torch.rand(ids.shape, generator=generator) < 0.3, ids, -100)
-            thetas.append(engine.get_pld_theta())
+            thetas.append(ds_pld.plugin_of(engine).pld_theta())
             before = list(counts)
             out = engine(ids, labels=labels)
             ran_per_pass.append([c - b for c, b in zip(counts, before)])
