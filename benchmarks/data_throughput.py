@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds_pld.data import MLMMasker, StepBatches, load_pretraining_data, prepare_dataset
 from ds_pld.models import build_model
+from ds_pld.timing import StepTimer
 
 PREPARE_CHILD = """
 import sys
@@ -77,14 +77,13 @@ def scaling(args: argparse.Namespace) -> list[dict]:
                     handle.write(base + b"\n\n")
             out = Path(folder) / f"out_{scale}x"
             log = Path(folder) / f"prepare_{scale}x.log"  # a file, not a pipe: progress bars would fill a pipe
-            started = time.perf_counter()
-            with log.open("wb") as sink:
+            with StepTimer() as timer, log.open("wb") as sink:  # a child process: no device of ours to wait for
                 proc = subprocess.Popen([sys.executable, "-c", PREPARE_CHILD, str(out), str(corpus),
                                          str(args.max_seq_length), str(num_proc)],
                                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
                                         stdout=sink, stderr=subprocess.STDOUT)
                 _, status, usage = os.wait4(proc.pid, 0)
-            seconds = time.perf_counter() - started
+            seconds = timer.seconds
             if status:
                 raise RuntimeError(f"preparing {scale}x failed: {log.read_text(errors='replace')[-2000:]}")
             meta = json.loads((out / "meta.json").read_text())
@@ -131,19 +130,19 @@ def main() -> None:
     seq = args.max_seq_length
 
     with tempfile.TemporaryDirectory() as folder:
-        started = time.perf_counter()
-        prepare_dataset(folder, max_seq_length=seq, num_proc=args.num_proc)
-        prepare_s = time.perf_counter() - started
+        with StepTimer() as timer:  # host work only, as is the loader's below
+            prepare_dataset(folder, max_seq_length=seq, num_proc=args.num_proc)
+        prepare_s = timer.seconds
         data = load_pretraining_data(folder)
         prepared_tokens = sum(c["tokens"] for c in data.meta["counts"].values())
 
         batches = StepBatches(data.train, args.loader_micro_batch, seed=0)
         masker = MLMMasker(data.tokenizer)
-        started = time.perf_counter()
-        for i in range(args.loader_batches):
-            step = i % (batches.steps_per_epoch * 2)
-            masker(batches.examples(step, 0), batches.mask_seed(step, 0))
-        loader_s = time.perf_counter() - started
+        with StepTimer() as timer:
+            for i in range(args.loader_batches):
+                step = i % (batches.steps_per_epoch * 2)
+                masker(batches.examples(step, 0), batches.mask_seed(step, 0))
+        loader_s = timer.seconds
         loader_tokens = args.loader_batches * args.loader_micro_batch * seq
 
         torch.manual_seed(0)
@@ -158,10 +157,10 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
 
         train_step(0)  # warm-up: allocator, AdamW state
-        started = time.perf_counter()
-        for step in range(1, args.train_steps + 1):
-            train_step(step)
-        train_s = time.perf_counter() - started
+        with StepTimer(next(model.parameters()).device) as timer:
+            for step in range(1, args.train_steps + 1):
+                train_step(step)
+        train_s = timer.seconds
         train_tokens = args.train_steps * args.train_micro_batch * seq
 
     figures = {

@@ -22,7 +22,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deepspeed import comm as dist  # noqa: E402
 
 from ds_pld.data import prepare_dataset  # noqa: E402
+from ds_pld.timing import StepTimer  # noqa: E402
 from ds_pld.training import step as training_step  # noqa: E402
 from ds_pld.training.config import parse_run_config  # noqa: E402
 from ds_pld.training.distributed import init_distributed, shutdown_distributed  # noqa: E402
@@ -56,13 +56,12 @@ def bench_config(args: argparse.Namespace, data: Path, steps: int) -> dict:
 def timed_step(run: PretrainingRun, check: bool) -> float:
     """One optimizer step, timed from outside (the record's own step_time stops before the flag is read)."""
     zero = torch.zeros((), device=run.engine.device)
-    training_step.non_finite = non_finite if check else (lambda engine, loss_sum: zero)  # same all-reduce
-    started = time.perf_counter()
-    record, _ = training_step.train_step(run)
-    elapsed = time.perf_counter() - started
+    run.guard.flag = non_finite if check else (lambda engine, loss_sum: zero)  # same all-reduce
+    with StepTimer(run.engine.device) as timer:
+        record, _ = training_step.train_step(run)
     if record["loss"] != record["loss"]:
         raise RuntimeError(f"the loss is NaN at step {record['step']}; the benchmark needs a finite run")
-    return elapsed
+    return timer.seconds
 
 
 def time_check_alone(run: PretrainingRun, calls: int = 2000) -> float:
@@ -70,11 +69,10 @@ def time_check_alone(run: PretrainingRun, calls: int = 2000) -> float:
     without the step's noise around it."""
     loss_sum = torch.ones((), device=run.engine.device)
     non_finite(run.engine, loss_sum)
-    started = time.perf_counter()
-    for _ in range(calls):
-        flag = non_finite(run.engine, loss_sum)
-    float(flag)
-    return (time.perf_counter() - started) / calls
+    with StepTimer(run.engine.device) as timer:
+        for _ in range(calls):
+            non_finite(run.engine, loss_sum)
+    return timer.seconds / calls
 
 
 def main() -> None:
@@ -108,9 +106,8 @@ def main() -> None:
             for check in order:
                 times[check].append(timed_step(run, check))
         check_s = time_check_alone(run)
-        run.tracker.finish()
-        if run.lock is not None:
-            run.lock.release()
+        run.metrics_log.tracker.finish()
+        run.checkpointing.release()
     if rank == 0:
         with_check, without = times[True], times[False]
         paired = [a / b for a, b in zip(with_check, without)]

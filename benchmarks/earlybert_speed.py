@@ -40,6 +40,7 @@ from ds_pld.earlybert import EarlyBertConfig, EarlyBird, prune_model, slimming_l
 from ds_pld.models import BertConfig, BertForPreTraining, build_bert_config
 from ds_pld.models.bert import IGNORE_INDEX
 from ds_pld.pld import expected_layers, sample_keep_mask
+from ds_pld.timing import StepTimer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -130,11 +131,6 @@ def clock_of(args: argparse.Namespace) -> Callable[[], float]:
     return time.process_time if args.clock == "cpu" else time.perf_counter
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def round_robin(steps: dict[str, Callable[[int], int]], warmup: int, seeds: int, rounds: int, device: str,
                 clock: Callable[[], float] = time.perf_counter
                 ) -> tuple[dict[str, list[list[float]]], dict[str, list[int]]]:
@@ -148,11 +144,9 @@ def round_robin(steps: dict[str, Callable[[int], int]], warmup: int, seeds: int,
     for _ in range(rounds):
         for seed in range(seeds):
             for name, step in steps.items():
-                sync(device)
-                start = clock()
-                layers[name][seed] = step(seed)
-                sync(device)
-                times[name][seed].append(clock() - start)
+                with StepTimer(device, clock) as timer:
+                    layers[name][seed] = step(seed)
+                times[name][seed].append(timer.seconds)
     return times, layers
 
 

@@ -281,6 +281,7 @@ def profile(args: argparse.Namespace) -> int:
 
     from ds_pld.models import build_model
     from ds_pld.models.bert import IGNORE_INDEX
+    from ds_pld.timing import synchronize
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -309,13 +310,11 @@ def profile(args: argparse.Namespace) -> int:
     for index in range(args.warmup):
         step(index)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)  # the warm-up's queued work stays out of the profile; the steps' own is all in it
     with torch_profile(activities=activities) as prof:
         for index in range(args.steps):
             step(args.warmup + index)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
     events = prof.key_averages()
     on_device = device.type == "cuda"
 

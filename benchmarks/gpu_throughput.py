@@ -2,13 +2,14 @@
 with the torch ops, and Hugging Face `BertForMaskedLM` (SDPA attention), each with and without PLD (theta 0.5).
 
 Plain torch (AdamW, no DeepSpeed), one batch of random tokens with a fixed number of masked positions per sequence,
-warm-up steps and then timed steps between CUDA events. MFU counts the model FLOPs of what actually ran:
-3 x forward matmul FLOPs (QKV, attention scores and values, output projection, FFN) of the layers that ran, plus the
-MLM head over the masked positions only, divided by the GPU's dense bf16 peak (`--peak-tflops`). The same count is
-used for Hugging Face BERT, which computes its head over every position: its extra head work is overhead, not model
-FLOPs. Hugging Face BERT has no layer dropping; its PLD rows run the same kept layers (sampled from the same seeds)
-without the 1/p_l scaling, as a throughput reference only. `vs matmul` relates the achieved FLOP rate to an
-N x N x N bf16 matmul measured in the same run.
+warm-up steps and then timed steps (one ds_pld.timing.StepTimer over them all: the GPU is synchronized before each
+clock reading, not between steps). MFU counts the model FLOPs of what actually ran: 3 x forward matmul FLOPs (QKV,
+attention scores and values, output projection, FFN) of the layers that ran, plus the MLM head over the masked
+positions only, divided by the GPU's dense bf16 peak (`--peak-tflops`). The same count is used for Hugging Face BERT,
+which computes its head over every position: its extra head work is overhead, not model FLOPs. Hugging Face BERT has
+no layer dropping; its PLD rows run the same kept layers (sampled from the same seeds) without the 1/p_l scaling, as a
+throughput reference only. `vs matmul` relates the achieved FLOP rate to an N x N x N bf16 matmul measured in the same
+run.
 
     python benchmarks/gpu_throughput.py                  # bert-base, seq 128, bf16
     python benchmarks/gpu_throughput.py --compile        # also try torch.compile
@@ -20,7 +21,6 @@ import argparse
 import gc
 import platform
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -37,6 +37,7 @@ if str(REPO_ROOT) not in sys.path:
 from ds_pld.models import build_bert_config, build_model
 from ds_pld.models.bert import IGNORE_INDEX
 from ds_pld.pld import sample_keep_mask
+from ds_pld.timing import StepTimer
 
 H100_SXM_BF16_DENSE_TFLOPS = 989.0
 NO_CUDA_EXIT_CODE = 2
@@ -183,29 +184,6 @@ def build(name: str, setup: Setup) -> nn.Module:
     return build_hf_model(setup.preset, setup.vocab_size)
 
 
-@dataclass
-class Elapsed:
-    seconds: float = 0.0
-
-
-@contextmanager
-def timed(device: torch.device) -> Iterator[Elapsed]:
-    """Wall time of the enclosed GPU work: CUDA events on CUDA (no host sync inside), perf_counter otherwise."""
-    elapsed = Elapsed()
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start.record()
-        yield elapsed
-        end.record()
-        end.synchronize()
-        elapsed.seconds = start.elapsed_time(end) / 1e3
-    else:
-        t0 = time.perf_counter()
-        yield elapsed
-        elapsed.seconds = time.perf_counter() - t0
-
-
 def run_row(name: str, pld: bool, setup: Setup) -> RowResult:
     model = build(name, setup).to(setup.device)
     if setup.precision == "bf16":
@@ -228,7 +206,7 @@ def run_row(name: str, pld: bool, setup: Setup) -> RowResult:
 
     for index in range(setup.warmup):
         train_step(index)
-    with timed(setup.device) as timer:
+    with StepTimer(setup.device) as timer:
         layers_run = [train_step(setup.warmup + index) for index in range(setup.steps)]
     masked_tokens = setup.batch_size * setup.masked_per_sequence
     flops = sum(train_step_flops(setup.preset, setup.vocab_size, setup.batch_size, setup.seq_len, layers,
@@ -243,7 +221,7 @@ def matmul_tflops(device: torch.device, size: int, repeats: int = 10) -> float:
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
-    with timed(device) as timer:
+    with StepTimer(device) as timer:
         for _ in range(repeats):
             a @ b
     return 2 * size**3 * repeats / timer.seconds / 1e12

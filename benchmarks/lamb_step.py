@@ -22,15 +22,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from ds_pld.models import build_model  # noqa: E402
 from ds_pld.optim import LambConfig, build_lamb  # noqa: E402
+from ds_pld.timing import StepTimer  # noqa: E402
 
 RECIPE = {"type": "Lamb", "params": {"lr": 11e-3, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01,
                                      "bias_correction": False, "max_coeff": 0.3, "min_coeff": 0.01,
                                      "exclude_from_weight_decay": ["bias", "norm"]}}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_interleaved(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int,
@@ -40,15 +36,13 @@ def time_interleaved(steps: dict[str, Callable[[], None]], device: torch.device,
     for _ in range(warmup):
         for step in steps.values():
             step()
-    sync(device)
     times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            wall, cpu = time.perf_counter(), time.process_time()
-            step()
-            sync(device)
-            times[name][0].append(time.perf_counter() - wall)
-            times[name][1].append(time.process_time() - cpu)
+            with StepTimer(device, time.process_time) as cpu, StepTimer(device) as wall:
+                step()
+            times[name][0].append(wall.seconds)
+            times[name][1].append(cpu.seconds)
     return times
 
 

@@ -13,7 +13,6 @@ import argparse
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,18 +21,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds_pld.models import build_model
 from ds_pld.pld import drop_seed, expected_layers
+from ds_pld.timing import StepTimer
 
 
 def one_step(model, optimizer, ids, labels, pld: bool, seed: int, with_optimizer: bool) -> tuple[float, int]:
-    started = time.perf_counter()
-    out = model(ids, labels=labels, progressive_layer_drop=pld, pld_theta=0.5, pld_seed=seed)
-    out.loss.backward()
-    if with_optimizer:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if ids.is_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - started, out.layers_run
+    with StepTimer(ids.device) as timer:
+        out = model(ids, labels=labels, progressive_layer_drop=pld, pld_theta=0.5, pld_seed=seed)
+        out.loss.backward()
+        if with_optimizer:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return timer.seconds, out.layers_run
 
 
 def fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:

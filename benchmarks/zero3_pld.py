@@ -27,7 +27,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ import ds_pld  # noqa: E402
 from ds_pld.models import build_model  # noqa: E402
 from ds_pld.models.bert import PreLNLayer  # noqa: E402
 from ds_pld.models.zero3 import prepare_zero3_pld  # noqa: E402
+from ds_pld.timing import StepTimer  # noqa: E402
 from ds_pld.training.distributed import init_distributed, shutdown_distributed  # noqa: E402
 
 DEFAULT_ARMS = ("z2", "z2+pld", "z3-leaf", "z3", "z3+pld-leaf", "z3+pld", "z3+pld+encleaf")
@@ -160,7 +160,7 @@ def run_step(arm: Arm, step: int, args: argparse.Namespace, traffic: dict[str, i
     invalidated = arm.invalidated
     traffic.update(gathered=0, reduced=0)
     ran, live = [], 0
-    started = time.perf_counter()
+    timer = StepTimer(engine.device).start()
     for micro in range(args.accumulation):
         ids, labels = batch(step, micro, args)
         out = engine(ids, labels=labels)
@@ -169,7 +169,7 @@ def run_step(arm: Arm, step: int, args: argparse.Namespace, traffic: dict[str, i
         engine.backward(out.loss)
         engine.step()
         ran.append(out.layers_run)
-    elapsed = time.perf_counter() - started
+    elapsed = timer.stop()
     if step >= args.warmup:
         arm.times.append(elapsed)
         arm.layers_run.extend(ran)

@@ -55,10 +55,10 @@ def earlybert_search_steps(settings: StudySettings, step_seconds: float) -> int:
 class Arm:
     """A run on its own clock; `curve` holds the evaluations (time 0, then every 1/EVAL_POINTS of the budget)."""
 
-    def __init__(self, spec: RunSpec, run: Any, budget: Budget, clock: ClockKind, synchronize=None,
+    def __init__(self, spec: RunSpec, run: Any, budget: Budget, clock: ClockKind, device: str | None = None,
                  train_slice: Any = None):
         self.spec, self.run, self.budget = spec, run, budget
-        self.clock = Clock(clock, synchronize)
+        self.clock = Clock(clock, device)
         self.train_slice = train_slice  # a fixed slice of the training data, scored for the data-limited regime
         self.curve: list[dict[str, float]] = []
         self.step_times: list[float] = []
@@ -72,11 +72,10 @@ class Arm:
         return self.diverged_at is not None or self.budget.spent(self.clock.total)
 
     def evaluate(self) -> dict[str, float]:
-        from ds_pld.training.evaluate import evaluate
-
-        point = {"time_s": self.clock.total, "step": self.run.step, **evaluate(self.run, seed=EVAL_SEED)}
+        score = self.run.evaluation.validation.score
+        point = {"time_s": self.clock.total, "step": self.run.step, **score(self.run.engine, seed=EVAL_SEED)}
         if self.train_slice is not None:
-            scored = evaluate(self.run, dataset=self.train_slice, seed=EVAL_SEED)
+            scored = score(self.run.engine, dataset=self.train_slice, seed=EVAL_SEED)
             point.update(train_loss=scored["val_loss"], train_accuracy=scored["val_accuracy"])
         self.curve.append(point)
         self.next_mark = (len(self.curve)) * self.budget.seconds / EVAL_POINTS
@@ -89,11 +88,12 @@ class Arm:
         for group in engine.optimizer.param_groups:
             group["lr"] = self.spec.lr * scale
         if self.spec.uses_pld:
-            engine.progressive_layer_drop.set_theta(self.budget.theta(self.clock.total, self.spec.theta))
+            from ds_pld import plugin_of
+
+            plugin_of(engine).pld.set_theta(self.budget.theta(self.clock.total, self.spec.theta))
 
     def train(self, steps: int) -> None:
         from ds_pld.training.divergence import TrainingDiverged
-        from ds_pld.training.outputs import log
         from ds_pld.training.step import train_step
 
         for _ in range(steps):
@@ -113,7 +113,7 @@ class Arm:
             record["clock_s"] = self.clock.total
             if self.done or self.clock.total >= self.next_mark:
                 record.update(self.evaluate())
-            log(self.run, record)  # the run folder's metrics.jsonl, as launch/train.py writes it
+            self.run.metrics_log.write(record)  # the run folder's metrics.jsonl, as launch/train.py writes it
 
     def result(self) -> dict[str, Any]:
         median = statistics.median(self.step_times) if self.step_times else math.nan

@@ -63,32 +63,23 @@ def plan_steps(budget: Budget, step_seconds: float, fraction: float = 1.0) -> in
 
 
 class Clock:
-    """Seconds of training on one arm's account. `cpu`: this process's CPU time, which on a dedicated core is its
-    wall time and, unlike wall time, does not grow when other jobs share the machine (with one torch thread; more
-    threads spin while they wait and inflate it). `wall`: perf_counter, with the device synchronized first so
-    queued GPU work is counted."""
+    """Seconds of training on one arm's account, read through ds_pld.timing's StepTimer. `cpu`: this process's CPU
+    time, which on a dedicated core is its wall time and, unlike wall time, does not grow when other jobs share the
+    machine (with one torch thread; more threads spin while they wait and inflate it). `wall`: perf_counter. Either
+    way `device` (none: the CPU) is synchronized before each reading, so queued GPU work is counted."""
 
-    def __init__(self, kind: ClockKind, synchronize=None):
+    def __init__(self, kind: ClockKind, device: str | None = None):
+        from ds_pld.timing import StepTimer  # here: the study's workers pick the accelerator before ds_pld is imported
+
         self.kind = kind
-        self._synchronize = synchronize
+        self.timer = StepTimer(device, time.process_time if kind == "cpu" else time.perf_counter)
         self.total = 0.0
-        self._started: float | None = None
-
-    def _now(self) -> float:
-        if self.kind == "cpu":
-            return time.process_time()
-        if self._synchronize is not None:
-            self._synchronize()
-        return time.perf_counter()
 
     def start(self) -> None:
-        self._started = self._now()
+        self.timer.start()
 
     def stop(self) -> float:
         """Add the time since `start` and return it."""
-        if self._started is None:
-            raise RuntimeError("Clock.stop without start")
-        elapsed = self._now() - self._started
-        self._started = None
+        elapsed = self.timer.stop()
         self.total += elapsed
         return elapsed

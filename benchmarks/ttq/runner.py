@@ -46,14 +46,6 @@ def _setup(device: str, threads: int | None) -> None:
     init_distributed()
 
 
-def _synchronize(device: str):
-    if device != "cuda":
-        return None
-    import torch
-
-    return torch.cuda.synchronize
-
-
 def _build(spec: RunSpec, settings: StudySettings, data: Path, seq: int, out: Path, search_steps: int,
            eval_batches: int, bf16: bool) -> Any:
     from ds_pld.training.config import parse_run_config
@@ -71,7 +63,8 @@ def calibrate(settings: StudySettings, data: Path, out: Path, args: Any) -> dict
     import torch
 
     from ds_pld.training.evaluate import VALIDATION_STREAM
-    from ds_pld.training.step import derived_seed, masked_batch, train_step
+    from ds_pld.training.inputs import derived_seed, masked_batch
+    from ds_pld.training.step import train_step
 
     from .arm import EVAL_SEED
     from .budget import Clock
@@ -86,10 +79,11 @@ def calibrate(settings: StudySettings, data: Path, out: Path, args: Any) -> dict
         start = index * run.micro_batch
         rows = torch.stack([run.data.validation[(start + i) % len(run.data.validation)]["input_ids"]
                             for i in range(run.micro_batch)])
-        batch = masked_batch(run, rows.long(), derived_seed(EVAL_SEED, VALIDATION_STREAM, index, 0))
+        batch = masked_batch(run.masker, rows.long(), derived_seed(EVAL_SEED, VALIDATION_STREAM, index, 0),
+                             run.engine.device)
         counts.update(batch["labels"][batch["labels"] != -100].tolist())
     token, top = counts.most_common(1)[0]
-    clock = Clock(args.clock, _synchronize(args.device))
+    clock = Clock(args.clock, args.device)
     warm, timed = CALIBRATION_STEPS
     for step in range(warm + timed):
         if step == warm:
@@ -105,7 +99,7 @@ def calibrate(settings: StudySettings, data: Path, out: Path, args: Any) -> dict
 
 def run_group(group: Group, settings: StudySettings, data: Path, out: Path, args: Any) -> None:
     """Train the group's runs interleaved, CHUNK steps at a time; write each one's result when its budget is spent."""
-    from ds_pld.training.outputs import finish
+    from ds_pld.algorithms import Event, run_event
 
     calibration = read_json(out / CALIBRATION)
     search = earlybert_search_steps(settings, calibration["step_s"])
@@ -116,7 +110,7 @@ def run_group(group: Group, settings: StudySettings, data: Path, out: Path, args
         limited = spec.train_sequences is not None
         train_slice = run.data.train.select(range(min(len(run.data.train), args.eval_batches * run.micro_batch)))
         arm = Arm(spec, run, Budget(spec.budget_s, settings.warmup, settings.gamma_budget), args.clock,
-                  _synchronize(args.device), train_slice if limited else None)
+                  args.device, train_slice if limited else None)
         arm.evaluate()
         arms.append(arm)
     pending = list(arms)
@@ -126,11 +120,11 @@ def run_group(group: Group, settings: StudySettings, data: Path, out: Path, args
             if arm.done:
                 pending.remove(arm)
                 if arm.diverged_at is None:
-                    final = finish(arm.run)
+                    run_event(arm.run.callbacks, Event.FIT_END, arm.run.state)  # final/, as launch/train.py ends
+                    final = arm.run.checkpointing.final_dir
                 else:
-                    arm.run.metrics.close()
-                    arm.run.tracker.finish()
-                    arm.run.lock.release()
+                    arm.run.metrics_log.close()
+                    arm.run.checkpointing.release()
                     final = None
                 write_atomic(out / RESULTS / f"{arm.spec.key}.json",
                              {"spec": asdict(arm.spec), "final_dir": None if final is None else str(final),

@@ -2,7 +2,6 @@
 loss, stop request and divergence, the metrics record, and STEP_END (the divergence check first)."""
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,6 +9,7 @@ import torch
 from deepspeed import comm as dist
 
 from ds_pld.algorithms import Event, optimizer_step, run_event
+from ds_pld.timing import StepTimer
 from ds_pld.training.inputs import derived_seed, masked_batch
 from ds_pld.training.run import PretrainingRun
 
@@ -37,15 +37,15 @@ def train_step(run: PretrainingRun, stop_requested: bool = False) -> tuple[dict[
     on every rank, when the step is not finite."""
     state = run.state
     position = run.step + run.guard.state.data_offset  # the data read at this step (rollbacks skip batches)
-    started = time.perf_counter()
+    timer = StepTimer(run.engine.device).start()  # waits for work queued before the step (evaluation, saves)
     run.engine.module.train()
     result = optimizer_step(state, run.events, micro_batches(run, position))
     device = run.engine.device
     shared = torch.stack([result.mean_loss, torch.tensor(float(stop_requested), device=device),
                           run.guard.flag(run.engine, result.loss_sum)])
     dist.all_reduce(shared)  # one sync per step: loss, stop request and divergence together
-    loss, stop, diverged = shared.tolist()  # the host waits for the device here: the clock is read after it
-    elapsed = time.perf_counter() - started
+    loss, stop, diverged = shared.tolist()
+    elapsed = timer.stop()  # after a device-wide sync: side streams (ZeRO's) included
     samples = run.micro_batch * run.accumulation * run.world_size
     state.stopping = stop > 0
     state.record = {
