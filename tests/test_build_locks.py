@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, launcher_env, tiny_train_config
 
-from ds_pld.training.build_locks import check_build_locks, extensions_root
+from ds_pld.training.build_locks import check_build_locks, extensions_root, op_folders
 
 
 def plant_lock(root: Path, op: str, age_s: float) -> Path:
@@ -61,9 +61,9 @@ def test_a_run_starts_despite_a_lock_left_by_a_killed_build(tmp_path: Path, prep
     """The lock is planted where a killed build leaves it, in this machine's extensions folder. Without the check
     torch would wait on it for good; here the run trains and says what it removed."""
     config = tiny_train_config(tmp_path / "config.json", prepared, training={"max_steps": 2}, wandb={"enabled": False})
-    if not sorted(extensions_root().glob("*/deepspeed_shm_comm")):
+    if not op_folders(extensions_root(), "deepspeed_shm_comm"):
         assert train_two_steps(config, tmp_path / "first").returncode == 0  # builds the op once, as any first run
-    folder = sorted(extensions_root().glob("*/deepspeed_shm_comm"))[0]
+    folder = op_folders(extensions_root(), "deepspeed_shm_comm")[0]
     lock = folder / "lock"
     if lock.exists():
         pytest.skip(f"{lock} exists already: another job may be building the op right now")

@@ -42,13 +42,25 @@ def building_in(folder: Path) -> bool:
     return False
 
 
+def op_folders(root: Path, op: str = "*") -> list[Path]:
+    """The op build folders under `root`: `<root>/<op>` when $TORCH_EXTENSIONS_DIR names the root (torch adds no
+    per-Python folder then), `<root>/<py..._cpu|cu...>/<op>` under torch's default root."""
+    if not root.is_dir():
+        return []
+    return sorted(path for path in {*root.glob(op), *root.glob(f"*/{op}")} if path.is_dir())
+
+
+def op_locks(root: Path) -> list[Path]:
+    return [folder / "lock" for folder in op_folders(root) if (folder / "lock").is_file()]
+
+
 def check_build_locks(root: Path | None = None, stale_after_s: float | None = None,
                       say: Callable[[str], None] = print) -> list[Path]:
     """Judge every build lock under `root` as the module docstring says; returns the locks removed."""
     root = extensions_root() if root is None else root
     stale_after_s = float(os.environ.get(STALE_ENV, DEFAULT_STALE_S)) if stale_after_s is None else stale_after_s
     removed = []
-    for lock in sorted(root.glob("*/*/lock")) if root.is_dir() else ():
+    for lock in op_locks(root):
         try:
             age = time.time() - lock.stat().st_mtime
         except FileNotFoundError:

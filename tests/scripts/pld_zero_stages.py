@@ -1,6 +1,6 @@
 """Run on 2 ranks by tests/test_pld.py: PLD training under ZeRO stages 0-3 (and 2 with activation checkpointing),
-plus a negative control: stage 3 with ds_pld's clearing of dropped layers' gradient partitions switched off (only
-here), whose weights must then differ from stage 0's. Rank 0 writes what every rank saw to the JSON file given as
+plus a negative control: stage 3 in plain DeepSpeed's per-layer layout (no encoder leaf, PLD's driver attached by
+hand), whose weights must then differ from stage 0's. Rank 0 writes what every rank saw to the JSON file given as
 argv[1]."""
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import torch
 from deepspeed import comm as dist
 
 import ds_pld
+from ds_pld.algorithms import ProgressiveLayerDropping
 from ds_pld.models import build_model
+from ds_pld.pld import ProgressiveLayerDrop
 from ds_pld.training.distributed import init_distributed, shutdown_distributed
 
 VOCAB, SEQ, STEPS = 64, 16, 6
@@ -27,14 +29,18 @@ def run(stage: int, checkpointing: bool, reference: torch.Tensor | None, clear_z
     config = {
         "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
-        # The negative control keeps ZeRO-3's per-layer layout (an encoder larger than the live-parameter bound is
-        # not made one leaf), where dropped layers' gradient partitions go stale unless ds_pld clears them.
-        "zero_optimization": {"stage": stage, **({} if clear_zero3 else {"stage3_max_live_parameters": 1})},
+        "zero_optimization": {"stage": stage},
         "progressive_layer_drop": {"enabled": True, "theta": 0.5, "gamma": 0.5, "seed": 7},
     }
-    engine, *_ = ds_pld.initialize(model=model, config=config)
-    if not clear_zero3:  # the negative control: dropped layers keep the previous step's gradient partitions
-        engine._clear_zero3_grad_partitions = lambda: None
+    if clear_zero3:
+        engine, *_ = ds_pld.initialize(model=model, config=config)
+        pld = ds_pld.plugin_of(engine).pld
+    else:  # the negative control: plain DeepSpeed's per-layer ZeRO-3 layout (no encoder leaf), the same PLD driver
+        # attached by hand; dropped layers then keep the previous step's gradient partitions
+        del config["progressive_layer_drop"]
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        pld = ProgressiveLayerDropping(ProgressiveLayerDrop(theta=0.5, gamma=0.5, seed=7))
+        pld.attach(engine)
     ran_per_pass: list[list[int]] = []
     counts = [0] * len(model.encoder.layers)
     for index, layer in enumerate(model.encoder.layers):
@@ -45,7 +51,7 @@ def run(stage: int, checkpointing: bool, reference: torch.Tensor | None, clear_z
         for _ in range(engine.gradient_accumulation_steps()):
             ids = torch.randint(5, VOCAB, (2, SEQ), generator=generator)
             labels = torch.where(torch.rand(ids.shape, generator=generator) < 0.3, ids, -100)
-            thetas.append(ds_pld.plugin_of(engine).pld_theta())
+            thetas.append(pld.current_theta)
             before = list(counts)
             out = engine(ids, labels=labels)
             ran_per_pass.append([c - b for c, b in zip(counts, before)])
