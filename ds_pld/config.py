@@ -18,7 +18,7 @@ from typing import Any
 
 from ds_pld.config_errors import ConfigError, did_you_mean, in_source
 from ds_pld.earlybert.config import EarlyBertConfig
-from ds_pld.models.config import PLD_NEEDS_PRE_LN, BertConfig, build_bert_config
+from ds_pld.models.config import PLD_NEEDS_PRE_LN, BertConfig, InitFrom, parse_model_block
 from ds_pld.pld import PLDConfig
 
 PLUGIN_BLOCKS = ("progressive_layer_drop", "earlybert", "model")
@@ -135,13 +135,15 @@ def with_overrides(source: str | Path | Mapping[str, Any], overrides: Sequence[t
 @dataclass(frozen=True)
 class DsPldConfig:
     """The core blocks as typed objects, plus `deepspeed`: the dict DeepSpeed receives (all our blocks removed).
-    The trainer's run config (ds_pld.training.config.RunConfig) extends it with the trainer's blocks."""
+    The trainer's run config (ds_pld.training.config.RunConfig) extends it with the trainer's blocks. `init_from`:
+    the `model` block's `init_from` (weights to start from), parsed apart from the model's shape."""
 
     deepspeed: dict[str, Any]
     pld: PLDConfig = field(default_factory=PLDConfig)
     earlybert: EarlyBertConfig | None = None
     model: BertConfig | None = None
     source: str = "<dict>"
+    init_from: InitFrom | None = None
 
 
 def parse_config(source: str | Path | Mapping[str, Any] | DsPldConfig) -> DsPldConfig:
@@ -154,7 +156,7 @@ def parse_config(source: str | Path | Mapping[str, Any] | DsPldConfig) -> DsPldC
         check_top_level_keys(raw)
         blocks = {name: raw.pop(name, None) for name in (*PLUGIN_BLOCKS, *APPLICATION_BLOCKS)}
         pld = PLDConfig.from_dict(blocks["progressive_layer_drop"])
-        model = None if blocks["model"] is None else build_bert_config(blocks["model"])
+        model, init_from = parse_model_block(blocks["model"])
         if pld.enabled and model is not None and model.layer_norm == "post":
             raise ConfigError(f"'progressive_layer_drop' is enabled with 'model.layer_norm' = \"post\": "
                               f"{PLD_NEEDS_PRE_LN}")
@@ -164,4 +166,5 @@ def parse_config(source: str | Path | Mapping[str, Any] | DsPldConfig) -> DsPldC
             earlybert=EarlyBertConfig.from_dict(blocks["earlybert"]),
             model=model,
             source=where,
+            init_from=init_from,
         )

@@ -1,7 +1,10 @@
 """Progressive Layer Dropping (Zhang & He 2020): the temporal theta schedule and the per-layer keep rule.
 
-theta(t) = (1 - theta_bar) * exp(-gamma * t) + theta_bar   (t = optimizer step)
-p_l      = 1 - (l / L) * (1 - theta)                      (l = 1..L)
+theta(t) = (1 - theta_bar) * exp(-gamma * (t + start_step)) + theta_bar   (t = optimizer step)
+p_l      = 1 - (l / L) * (1 - theta)                                       (l = 1..L)
+
+`start_step` (default 0) continues the schedule of an earlier run: a phase 2 started from phase 1's weights with
+`start_step` = phase 1's steps goes on at the theta where phase 1 ended instead of restarting at 1.
 
 A layer l is kept with probability p_l and, when kept, its sub-layer outputs are scaled by 1/p_l so the expected
 residual update equals the full model's. The decisions are drawn from a seed derived from
@@ -26,12 +29,14 @@ BLOCK = "progressive_layer_drop"
 
 @config_block
 class PLDConfig:
-    """The `progressive_layer_drop` config block (same keys and meaning as DeepSpeed <= 0.19.5, plus `seed`)."""
+    """The `progressive_layer_drop` config block (same keys and meaning as DeepSpeed <= 0.19.5, plus `seed`, and
+    `start_step`: the schedule's step at this run's step 0, so that step t uses theta(t + start_step))."""
 
     enabled: Bool = False
     theta: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.5
     gamma: Annotated[Float, Field(ge=0.0)] = 0.001
     seed: Annotated[Int, Field(ge=0)] = 0
+    start_step: Annotated[Int, Field(ge=0)] = 0
 
     @classmethod
     def from_dict(cls, block: Mapping[str, Any] | None) -> PLDConfig:
@@ -93,16 +98,19 @@ class ProgressiveLayerDrop:
 
     Step s (0-based: the number of optimizer steps already taken) uses theta(s), so the first step runs every layer.
     DeepSpeed <= 0.19.5 updated theta after the step with the pre-increment counter, so its step s used theta(s - 1).
-    Keeps DeepSpeed's old contract too (`update_state`, `get_theta`, `get_state`)."""
+    `step_offset` (the config's `start_step`) shifts the schedule only: step s uses theta(s + step_offset), while the
+    drop seeds and `global_step` stay the run's own steps. Keeps DeepSpeed's old contract too (`update_state`,
+    `get_theta`, `get_state`)."""
 
-    def __init__(self, theta: float = 0.5, gamma: float = 0.001, seed: int = 0):
+    def __init__(self, theta: float = 0.5, gamma: float = 0.001, seed: int = 0, step_offset: int = 0):
         if not 0.0 < theta <= 1.0:
             raise ConfigError(f"'{BLOCK}.theta' = {theta} must be in (0, 1]")
         if not gamma >= 0.0:
             raise ConfigError(f"'{BLOCK}.gamma' = {gamma} must be >= 0")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ConfigError(f"'{BLOCK}.seed' = {seed!r} must be an integer >= 0")
-        self.theta_bar, self.gamma, self.seed = float(theta), float(gamma), seed
+        for key, value in (("seed", seed), ("start_step", step_offset)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"'{BLOCK}.{key}' = {value!r} must be an integer >= 0")
+        self.theta_bar, self.gamma, self.seed, self.step_offset = float(theta), float(gamma), seed, step_offset
         self.global_step = 0
         self.micro_step = 0
         self._override: tuple[int, float] | None = None  # (step, theta) set by set_theta
@@ -111,13 +119,14 @@ class ProgressiveLayerDrop:
     def from_config(cls, config: PLDConfig) -> ProgressiveLayerDrop:
         if not config.enabled:
             raise ConfigError(f"'{BLOCK}' is disabled in this config; no PLD driver is made for it")
-        return cls(theta=config.theta, gamma=config.gamma, seed=config.seed)
+        return cls(theta=config.theta, gamma=config.gamma, seed=config.seed, step_offset=config.start_step)
 
     def theta_at(self, step: int) -> float:
-        """Theta of optimizer step `step`: the schedule's, or the one `set_theta` gave that step."""
+        """Theta of optimizer step `step`: the schedule's (at step + step_offset), or the one `set_theta` gave that
+        step."""
         if self._override is not None and self._override[0] == step:
             return self._override[1]
-        return theta_at(step, self.theta_bar, self.gamma)
+        return theta_at(step + self.step_offset, self.theta_bar, self.gamma)
 
     def start_step(self, step: int) -> None:
         """The micro-batches of optimizer step `step` follow; a new step's micro-steps count from 0 again (calling
@@ -157,7 +166,7 @@ class ProgressiveLayerDrop:
 
     def state_dict(self) -> dict[str, Any]:
         return {"theta_bar": self.theta_bar, "gamma": self.gamma, "seed": self.seed, "global_step": self.global_step,
-                "theta": self.get_theta()}
+                "step_offset": self.step_offset, "theta": self.get_theta()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """The step resumes; the settings stay the config's (a resumed run may not change them silently)."""

@@ -66,7 +66,7 @@ def attach(engine: DeepSpeedEngine, config: Any, pld: ProgressiveLayerDropping |
     parsed = parse_config(config)
     if parsed.earlybert is not None:
         raise ConfigError(EARLYBERT_NEEDS_A_LOOP)
-    if parsed.model is not None:
+    if parsed.model is not None or parsed.init_from is not None:
         raise ConfigError("'model' describes a model for ds_pld.initialize to build; ds_pld.attach gets an engine "
                           "whose model exists: remove the 'model' block from the config given to attach")
     if type(engine) is not DeepSpeedEngine:
@@ -92,7 +92,8 @@ def attach(engine: DeepSpeedEngine, config: Any, pld: ProgressiveLayerDropping |
 
 
 def _model_for(parsed: DsPldConfig, model: torch.nn.Module | None) -> torch.nn.Module:
-    """The model argument, or one built from the config's `model` block; both, or neither, is an error."""
+    """The model argument, or one built from the config's `model` block (with the weights of `model.init_from` when
+    it is set); both, or neither, is an error."""
     if model is not None and parsed.model is not None:
         raise ConfigError("the config has a 'model' block and a model was passed as well: ds_pld.initialize builds "
                           "the model from 'model' only when no model is given; remove one of them")
@@ -102,7 +103,15 @@ def _model_for(parsed: DsPldConfig, model: torch.nn.Module | None) -> torch.nn.M
         raise ConfigError("ds_pld.initialize needs a model, or a 'model' block in the config to build one from")
     from ds_pld.models import BertForPreTraining
 
-    return BertForPreTraining(parsed.model)
+    if parsed.init_from is None:
+        return BertForPreTraining(parsed.model)
+    from ds_pld.models.init_from import initial_model
+
+    model, notes = initial_model(parsed.model, parsed.init_from)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        for note in notes:
+            print(f"[ds_pld] {note}", flush=True)
+    return model
 
 
 def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer: Any = None,
@@ -132,5 +141,5 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
         lr_scheduler=lr_scheduler, distributed_port=distributed_port, mpu=mpu, dist_init_required=dist_init_required,
         collate_fn=collate_fn, config=ds_config, mesh_param=mesh_param)
-    attach(engine, dataclasses.replace(parsed, model=None), pld=pld)
+    attach(engine, dataclasses.replace(parsed, model=None, init_from=None), pld=pld)
     return engine, optimizer, loader, scheduler

@@ -113,7 +113,7 @@ def test_errors_name_the_key_and_the_file(tmp_path, config, message):
 def test_blocks_stay_dataclasses_and_validate_on_replace():
     """Users of the blocks call dataclasses.replace/asdict; pydantic validates those copies too."""
     pld = PLDConfig.from_dict({"theta": 0.5, "gamma": 0.1})
-    assert dataclasses.asdict(pld) == {"enabled": True, "theta": 0.5, "gamma": 0.1, "seed": 0}
+    assert dataclasses.asdict(pld) == {"enabled": True, "theta": 0.5, "gamma": 0.1, "seed": 0, "start_step": 0}
     assert dataclasses.replace(TrainingConfig(), max_steps=7).max_steps == 7
     with pytest.raises(ValueError):
         dataclasses.replace(TrainingConfig(), max_steps=0)

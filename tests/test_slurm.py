@@ -199,6 +199,51 @@ def test_requeued_job_resumes_from_its_checkpoint(slurm, prepared, tmp_path):
     assert not list(out.glob("wandb_run_rank*.json")), "only rank 0 logs to W&B unless log_all_ranks"
 
 
+def test_two_phases_chained_by_a_dependency(slurm, prepared, tmp_path):
+    """docs/launching.md's two-phase submission: phase 2 is submitted at once with `--after <phase 1's job id>`
+    (`--parsable` prints only the id). It waits (Reason=Dependency) while phase 1 runs and requeues itself through
+    the time-limit warning, starts once phase 1 has completed, and starts from phase 1's final/ (`--init_from`, next
+    to the `--resume` every job start passes): 64-token sequences prepared with phase 1's tokenizer, PLD's theta
+    continuing from phase 1's last step (`start_step`)."""
+    from ds_pld.pld import theta_at
+
+    steps = 20
+    config1 = tiny_train_config(tmp_path / "phase1.json", prepared,
+                                training={"max_steps": steps, "checkpoint_every": 10, "eval_every": 10})
+    phase2 = json.loads(config1.read_text())
+    phase2.update(data={"max_seq_length": 64}, model={**phase2["model"], "max_position_embeddings": 64},
+                  progressive_layer_drop={**phase2["progressive_layer_drop"], "start_step": steps},
+                  training={"max_steps": 4, "checkpoint_every": 2, "eval_every": 2, "eval_batches": 1})
+    config2 = tmp_path / "phase2.json"
+    config2.write_text(json.dumps(phase2))
+    out1, out2 = tmp_path / "phase1", tmp_path / "phase2"
+    proc = run([sys.executable, str(SUBMIT), "--parsable", "--config", str(config1), "--output_dir", str(out1),
+                "--gpus_per_node", "0", "--tasks_per_node", "2", "--cpus_per_task", "1", "--time", "10"], slurm)
+    assert proc.returncode == 0 and proc.stdout.strip().isdigit(), (proc.stdout, proc.stderr)
+    job1 = proc.stdout.strip()
+    job2 = submit(slurm, config2, out2, "--after", job1, "--", "--init_from", str(out1 / "final"))
+    waiting = job_info(job2, slurm)
+    assert waiting["JobState"] == "PENDING" and waiting["Reason"] == "Dependency", waiting
+    assert waiting["Dependency"].startswith(f"afterok:{job1}"), waiting
+
+    wait_for("phase 1 to train 2 steps", lambda: last_step(out1) >= 2)
+    assert run(["scancel", "--batch", "--signal=USR1", job1], slurm).returncode == 0
+    wait_for("phase 1 to requeue itself", lambda: job_info(job1, slurm).get("Restarts") == "1")
+    assert job_info(job2, slurm)["JobState"] == "PENDING", "a requeue is no end of phase 1"
+    info1 = wait_until_done(job1, slurm)
+    assert info1["JobState"] == "COMPLETED", (info1, log_text(out1, job1)[-3000:])
+    info2 = wait_until_done(job2, slurm)
+    log2 = log_text(out2, job2)
+    assert info2["JobState"] == "COMPLETED" and info2["ExitCode"] == "0:0", (info2, log2[-4000:])
+    assert info2["StartTime"] >= info1["EndTime"], (info1, info2)
+    assert f"starting from '{out1 / 'final'}' (model folder)" in log2
+    assert log2.count("position embeddings grown from 32 to 64 rows") == 1
+    records = read_metrics(out2 / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[0]["pld_theta"] == pytest.approx(theta_at(steps, 0.5, 0.2))
+    assert read_checkpoint_meta(out2 / "checkpoints")["init_from"] == str((out1 / "final").resolve())
+
+
 def test_deepspeed_launcher_mode_with_a_hostfile_from_the_allocation(slurm, prepared, tmp_path):
     """The alternative to srun: the DeepSpeed launcher inside the allocation, with a hostfile written from it. The
     time-limit warning still reaches its ranks (SIGUSR1 to the launcher's children), the job requeues and resumes."""
@@ -302,6 +347,13 @@ def test_submit_fills_the_script_from_the_command_line(prepared, tmp_path):
                  "--signal=B:USR1@300", "pretrain_multi_node.sbatch", "--max_steps 7"):
         assert part in cmd, (part, cmd)
     assert not (tmp_path / "out").exists(), "a dry run submits nothing"
+    chained = run([sys.executable, str(SUBMIT), "--config", str(config), "--output_dir", str(tmp_path / "out2"),
+                   "--after", "41", "--after", "42", "--dry_run", "--", "--init_from", str(tmp_path / "later")],
+                  launcher_env())
+    assert chained.returncode == 0 and "--dependency=afterok:41:42" in chained.stdout, chained.stderr
+    missing = run([sys.executable, str(SUBMIT), "--config", str(config), "--output_dir", str(tmp_path / "out2"),
+                   "--dry_run", "--", "--init_from", str(tmp_path / "nowhere")], launcher_env())
+    assert missing.returncode == 2 and "does not exist (and no --after job" in missing.stderr, missing.stderr
 
 
 @pytest.mark.parametrize("log_all_ranks", [False, True])

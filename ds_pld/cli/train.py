@@ -18,7 +18,7 @@ from ds_pld.training.pretrain import pretrain
 EXIT_CONFIG = 2  # a config or usage error: one line from rank 0, no traceback
 # The short flags, each the same merge as `--set <key>=<value>` (applied after every --set, so the flag wins).
 FLAG_KEYS = (("max_steps", "training.max_steps"), ("seed", "training.seed"), ("model", "model.preset"),
-             ("data", "data.path"))
+             ("data", "data.path"), ("init_from", "model.init_from"))
 RANK_ENV = ("RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 
 
@@ -36,6 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help="= --set model.preset=NAME (bert-base, bert-tiny, ...): the rest of the "
                                         "model block (max_position_embeddings, kernels, ...) is kept")
     parser.add_argument("--data", help="= --set data.path=DIR: a folder written by launch/prepare_data.py")
+    parser.add_argument("--init_from", metavar="PATH",
+                        help="= --set model.init_from=PATH: start from these weights (a run's final/, a DeepSpeed "
+                             "checkpoint folder of ours, or a Hugging Face RobertaPreLayerNormForMaskedLM / "
+                             "BertForMaskedLM folder); optimizer, schedule, step and data position start fresh. "
+                             "With --resume and a checkpoint in --output_dir, the run resumes its own checkpoint")
     parser.add_argument("--replan_schedule", action="store_true",
                         help="on --resume with another --max_steps, plan the LR schedule for the new max_steps "
                              "(default: keep the schedule the run started with)")

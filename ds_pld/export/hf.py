@@ -15,7 +15,8 @@ word embeddings) + bias. Two differences are absorbed in the weights:
   coefficients are folded into the output projections. The full-size model then computes the same function.
 
 Only pre-LN models are exported: a post-LN model (`model.layer_norm` = "post") would need `BertForMaskedLM`, which
-is not written yet, and is refused with a ConfigError.
+is not written yet, and is refused with a ConfigError. `ds_pld.models.hf_import.import_hf` is the inverse (it reads
+`BertForMaskedLM` into a post-LN model too); `--init_from` a folder written here starts a run from it.
 """
 from __future__ import annotations
 
@@ -29,14 +30,13 @@ from transformers import PreTrainedTokenizerBase, RobertaPreLayerNormConfig, Rob
 from ds_pld.config_errors import ConfigError
 from ds_pld.models.bert import BertForPreTraining
 from ds_pld.models.config import BertConfig
+from ds_pld.models.hf_import import LAYER_NORM_NAMES, PREFIX, roberta_position_offset
 from ds_pld.models.io import load_pretrained
-
-PREFIX = "roberta_prelayernorm."
 
 
 def position_offset(config: BertConfig) -> int:
     """Rows in front of our position table in the exported one: RoBERTa's first position id."""
-    return config.pad_token_id + 1
+    return roberta_position_offset(config.pad_token_id)
 
 
 def hf_config(config: BertConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> RobertaPreLayerNormConfig:
@@ -85,7 +85,7 @@ def _layer_state(state: dict[str, torch.Tensor], i: int, config: BertConfig) -> 
     out[f"{dst}output.dense.weight"] = torch.zeros(hidden, full_neurons)
     out[f"{dst}output.dense.weight"][:, :neurons] = ffn_out
     out[f"{dst}output.dense.bias"] = state[src + "ffn_out.bias"]
-    for ours, theirs in (("attn_norm", "attention.LayerNorm"), ("ffn_norm", "intermediate.LayerNorm")):
+    for ours, theirs in LAYER_NORM_NAMES["pre"].items():
         out[f"{dst}{theirs}.weight"] = state[f"{src}{ours}.weight"]
         out[f"{dst}{theirs}.bias"] = state[f"{src}{ours}.bias"]
     return out

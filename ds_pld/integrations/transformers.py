@@ -38,7 +38,8 @@ THETA_LOG_KEY = "pld_theta"
 
 
 class SupportsPLDSettings(Protocol):
-    """Anything with PLD's three settings, e.g. `ds_pld.pld.PLDConfig`."""
+    """Anything with PLD's three settings, e.g. `ds_pld.pld.PLDConfig` (whose `start_step`, when the object has
+    one, is honoured too)."""
 
     theta: float
     gamma: float
@@ -49,7 +50,8 @@ def driver_for(config: SupportsPLDSettings) -> ProgressiveLayerDrop:
     """The PLD driver of a config object; one that says PLD is disabled is refused rather than silently used."""
     if getattr(config, "enabled", True) is False:
         raise ValueError("this PLD config has enabled = false; do not attach a PLDAdapter for it")
-    return ProgressiveLayerDrop(theta=float(config.theta), gamma=float(config.gamma), seed=int(config.seed))
+    return ProgressiveLayerDrop(theta=float(config.theta), gamma=float(config.gamma), seed=int(config.seed),
+                                step_offset=int(getattr(config, "start_step", 0)))
 
 
 class _LayerGate:
@@ -90,8 +92,8 @@ class PLDAdapter:
     micro-batches."""
 
     def __init__(self, model: nn.Module, theta: float = 0.5, gamma: float = 0.001, seed: int = 0,
-                 driver: ProgressiveLayerDrop | None = None):
-        self.driver = driver or ProgressiveLayerDrop(theta=theta, gamma=gamma, seed=seed)
+                 driver: ProgressiveLayerDrop | None = None, step_offset: int = 0):
+        self.driver = driver or ProgressiveLayerDrop(theta=theta, gamma=gamma, seed=seed, step_offset=step_offset)
         self.model = model
         self.encoder = find_encoder(model)
         self.num_layers = len(self.encoder.layer)
@@ -117,7 +119,7 @@ class PLDAdapter:
 
     @property
     def theta(self) -> float:
-        """Theta of the current optimizer step: (1 - theta_bar) exp(-gamma step) + theta_bar."""
+        """Theta of the current optimizer step: (1 - theta_bar) exp(-gamma (step + step_offset)) + theta_bar."""
         return self.driver.get_theta()
 
     @property

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator
@@ -118,3 +118,32 @@ def build_bert_config(spec: str | Mapping[str, Any] | BertConfig, **overrides: A
         raise ConfigError(f"'{BLOCK}.preset' = {preset!r} is not one of {sorted(PRESETS)}")
     values = {**PRESETS.get(preset, {}), **fields, **overrides}
     return parse_block(BertConfig, values, BLOCK, also_allowed=("preset",))
+
+
+@dataclass(frozen=True)
+class InitFrom:
+    """`model.init_from`: start a fresh run from existing weights (a ds_pld model folder, a DeepSpeed checkpoint
+    folder of ours, or a Hugging Face folder; see ds_pld.models.init_from). `model_keys`: the keys the `model` block
+    sets itself (a preset counts as setting its widths): the run takes those over the source's config, and a set
+    key that fixes the weights' shape must equal the source's."""
+
+    path: str
+    model_keys: frozenset[str]
+
+
+def parse_model_block(block: Any) -> tuple[BertConfig | None, InitFrom | None]:
+    """The `model` block: its BertConfig (None without a block) and its `init_from` (None unless set; `null` is
+    unset, so `--set model.init_from=null` turns a file's setting off)."""
+    if block is None:
+        return None, None
+    if not isinstance(block, Mapping) or "init_from" not in block:
+        return build_bert_config(block), None
+    fields = dict(block)
+    path = fields.pop("init_from")
+    if path is None:
+        return build_bert_config(fields), None
+    if not isinstance(path, str) or not path.strip():
+        raise ConfigError(f"'{BLOCK}.init_from' must be a folder path (a string), got {path!r}")
+    preset = fields.get("preset")
+    keys = (set(fields) - {"preset"}) | set(PRESETS.get(preset, {}) if isinstance(preset, str) else {})
+    return build_bert_config(fields), InitFrom(path, frozenset(keys))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,28 +45,43 @@ def _deepspeed_state_dict(checkpoint_dir: Path, tag: str) -> dict[str, torch.Ten
     return torch.load(files[0], map_location="cpu", weights_only=False)["module"]
 
 
+@dataclass(frozen=True)
+class SavedModel:
+    """A model saved by us, located but not loaded: its config as saved and how to read its weights."""
+
+    path: Path
+    kind: str  # "model folder" (save_pretrained, final/) or "DeepSpeed checkpoint"
+    config: dict[str, Any]
+    read_state: Callable[[], dict[str, torch.Tensor]]
+
+
+def find_saved(path: str | Path) -> SavedModel:
+    """A `save_pretrained` folder, or a DeepSpeed checkpoint folder written by training (the one holding `latest`,
+    or one tag folder); its weights are read only when asked for."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return SavedModel(path, "model folder", json.loads((path / CONFIG_FILE).read_text()),
+                          lambda: load_file(str(path / WEIGHTS_FILE)))
+    if (path / META_FILE).is_file():
+        checkpoint_dir, tag = path.parent, path.name
+    else:
+        checkpoint_dir, tag = path, None
+    meta = read_checkpoint_meta(checkpoint_dir, tag)
+    if meta is None:
+        raise ConfigError(f"{str(path)!r} is neither a model folder ({CONFIG_FILE}) nor a checkpoint folder "
+                          f"with a 'latest' file")
+    if "model_config" not in meta:
+        raise ConfigError(f"checkpoint {str(checkpoint_dir / meta['tag'])!r} does not record its model config")
+    return SavedModel(path, "DeepSpeed checkpoint", meta["model_config"],
+                      lambda: _deepspeed_state_dict(checkpoint_dir, meta["tag"]))
+
+
 def load_pretrained(path: str | Path, **config_overrides: Any) -> BertForPreTraining:
     """Load a model from a `save_pretrained` folder or from a DeepSpeed checkpoint folder written by training
     (the one holding `latest`, or one tag folder). Pruned (EarlyBERT) shapes are rebuilt from the saved config."""
-    path = Path(path)
-    if (path / CONFIG_FILE).is_file():
-        config = build_bert_config(json.loads((path / CONFIG_FILE).read_text()), **config_overrides)
-        state = load_file(str(path / WEIGHTS_FILE))
-    else:
-        if (path / META_FILE).is_file():
-            checkpoint_dir, tag = path.parent, path.name
-        else:
-            checkpoint_dir, tag = path, None
-        meta = read_checkpoint_meta(checkpoint_dir, tag)
-        if meta is None:
-            raise ConfigError(f"{str(path)!r} is neither a model folder ({CONFIG_FILE}) nor a checkpoint folder "
-                              f"with a 'latest' file")
-        if "model_config" not in meta:
-            raise ConfigError(f"checkpoint {str(checkpoint_dir / meta['tag'])!r} does not record its model config")
-        config = build_bert_config(meta["model_config"], **config_overrides)
-        state = _deepspeed_state_dict(checkpoint_dir, meta["tag"])
-    model = BertForPreTraining(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    saved = find_saved(path)
+    model = BertForPreTraining(build_bert_config(saved.config, **config_overrides))
+    missing, unexpected = model.load_state_dict(saved.read_state(), strict=False)
     if unexpected or [k for k in missing if not k.endswith(("head_coef", "ffn_coef"))]:
         raise ConfigError(f"weights in {str(path)!r} do not fit the model config: missing {missing}, "
                           f"unexpected {unexpected}")

@@ -107,9 +107,10 @@ class Checkpointing(Algorithm):
         weights = full_precision_state(state.model)  # a collective under ZeRO: every rank
         if self.rank == 0:
             self._save_final(state, weights, final)
+            expected = theta_at(state.step + self.pld.start_step, self.pld.theta, self.pld.gamma)
             write_json(self.output_dir / "summary.json", {
                 "steps": state.step, "final_dir": str(final), "theta": plugin_of(state.engine).pld_theta(),
-                "theta_expected": theta_at(state.step, self.pld.theta, self.pld.gamma) if self.pld.enabled else None})
+                "theta_expected": expected if self.pld.enabled else None})
             self.final_dir = final
         dist.barrier()
         self.release()

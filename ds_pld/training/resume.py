@@ -8,6 +8,7 @@ from typing import Any
 
 from ds_pld.checkpoints import resolve_checkpoint
 from ds_pld.config_errors import ConfigError
+from ds_pld.models.config import InitFrom
 
 
 def print0(rank: int, message: str) -> None:
@@ -62,3 +63,20 @@ def check_resume(meta: dict[str, Any], checkpoint_dir: Path, max_steps: int, wor
     print0(rank, f"max_steps changed from {planned} to {max_steps}: keeping the learning-rate schedule planned for "
                  f"{planned} steps (--replan_schedule re-plans it)")
     return planned
+
+
+def check_resumed_init(meta: dict[str, Any], init_from: InitFrom | None, checkpoint_dir: Path, rank: int) -> None:
+    """A resume continues its own checkpoint and never re-applies `model.init_from` (job scripts pass --resume on
+    every start, so the first start of a run initializes and every later one resumes). An `init_from` that is not
+    the one the run was started from means another run folder was meant: refused."""
+    if init_from is None:
+        return
+    where = f"checkpoint {str(checkpoint_dir / meta['tag'])!r}"
+    wanted = str(Path(init_from.path).resolve())
+    if "init_from" in meta and meta["init_from"] != wanted:
+        started = "from random weights" if meta["init_from"] is None else f"from '{meta['init_from']}'"
+        raise ConfigError(f"--resume found {where} of a run started {started}, but 'model.init_from' = "
+                          f"'{init_from.path}': a resume continues its own checkpoint and never re-initializes; "
+                          "drop --init_from to resume it, or give a fresh --output_dir to start from the model")
+    print0(rank, f"resuming {where}: 'model.init_from' applies to the run's first start only and is not applied "
+                 "again")

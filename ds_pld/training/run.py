@@ -19,10 +19,11 @@ import ds_pld
 from ds_pld.algorithms import Algorithm, State, build_algorithms, register_checkpoint_state
 from ds_pld.algorithms.pld import ProgressiveLayerDropping
 from ds_pld.algorithms.select import find_algorithm
-from ds_pld.config_errors import ConfigError
+from ds_pld.config_errors import ConfigError, in_source
 from ds_pld.data import MLMMasker, PretrainingData, StepBatches
 from ds_pld.earlybert import validate_for_model
 from ds_pld.models import BertForPreTraining
+from ds_pld.models.init_from import find_source, load_source_weights
 from ds_pld.optim.param_groups import weight_decay_groups
 from ds_pld.plugin_state import plugin_of
 from ds_pld.training.batch_size import resolve_batch_sizes
@@ -32,7 +33,7 @@ from ds_pld.training.evaluate import Evaluation, Validation
 from ds_pld.training.inputs import load_data, model_config
 from ds_pld.training.lock import lock_run_folder
 from ds_pld.training.outputs import Checkpointing, MetricsLog
-from ds_pld.training.resume import check_resume, resume_point
+from ds_pld.training.resume import check_resume, check_resumed_init, print0, resume_point
 from ds_pld.training.schedules import build_lr_scheduler
 
 __all__ = ["PretrainingRun", "build_run", "resolve_batch_sizes"]
@@ -121,7 +122,8 @@ class EngineFactory:
         optimizer_type = str((self.ds_config.get("optimizer") or {}).get("type", "")).lower()
         groups = None if optimizer_type in ("", "lamb") else weight_decay_groups(model)
         # The trainer owns the model and EarlyBERT; the plugin gets the DeepSpeed part and PLD.
-        config = dataclasses.replace(self.config, deepspeed=self.ds_config, model=None, earlybert=None)
+        config = dataclasses.replace(self.config, deepspeed=self.ds_config, model=None, earlybert=None,
+                                     init_from=None)
         pld = next((a for a in self.stateful if isinstance(a, ProgressiveLayerDropping)), None)
         engine, *_ = ds_pld.initialize(model=model, model_parameters=groups, config=config, lr_scheduler=scheduler,
                                        pld=pld)
@@ -149,17 +151,35 @@ def build_run(config: RunConfig, output_dir: str | Path, resume: bool, *, replan
     meta = resume_point(checkpoint_dir, resume, rank)
     schedule_steps = config.training.max_steps if meta is None else check_resume(
         meta, checkpoint_dir, config.training.max_steps, world_size, rank, replan_schedule, allow_world_size_change)
-    data = load_data(config, output_dir, rank)
-    model = model_config(config, data, meta)
+    # Weights to start from: only for a fresh run; a resume continues its own checkpoint (check_resumed_init).
+    with in_source(config.source):
+        source = None if meta is not None or config.init_from is None else find_source(config.init_from.path)
+        if meta is not None:
+            check_resumed_init(meta, config.init_from, checkpoint_dir, rank)
+    started_from = meta.get("init_from") if meta is not None else None if source is None else str(
+        source.path.resolve())
+    data = load_data(config, output_dir, rank, source, started_from)
+    with in_source(config.source):
+        model = model_config(config, data, meta, source)
     if config.earlybert is not None:
         validate_for_model(config.earlybert, model)
     guard = DivergenceGuard(config.training, checkpoint_dir, rank)
     algorithms = build_algorithms(config.pld, config.earlybert, rewind_path=output_dir / REWIND_FILE)
     build_engine = EngineFactory(config, ds_config, schedule_steps, guard, algorithms,
                                  {"seed": seed, "max_steps": config.training.max_steps,
-                                  "schedule_steps": schedule_steps})
+                                  "schedule_steps": schedule_steps, "init_from": started_from})
     torch.manual_seed(seed)
-    state = State(build_engine(BertForPreTraining(model)), build_engine)
+    module = BertForPreTraining(model)
+    if source is not None:
+        print0(rank, f"starting from {source.describe()}: its weights only; the optimizer, the learning-rate "
+                     "schedule, the step count and the data position start fresh")
+        for note in load_source_weights(module, source):
+            print0(rank, note)
+        schedule = config.lr_schedule
+        if schedule is not None and int(schedule.warmup_proportion * config.training.max_steps) == 0:
+            print0(rank, "WARNING: 'lr_schedule' has no warmup step: Adam's moments start fresh, and a full-size "
+                         "first step can throw the loaded model off; set 'lr_schedule.warmup_proportion'")
+    state = State(build_engine(module), build_engine)
     if meta is not None:
         ds_pld.load_checkpoint(state.engine, checkpoint_dir, tag=meta["tag"])
     masker = MLMMasker(data.tokenizer, config.data.mlm_probability)
@@ -183,4 +203,5 @@ def run_summary(config: RunConfig, state: State, ds_config: dict[str, Any], worl
     return {"model": state.model.config.to_dict(), "deepspeed": ds_config, "world_size": world_size,
             "pld": dataclasses.asdict(config.pld), "seed": config.training.seed,
             "max_steps": config.training.max_steps,
+            "init_from": None if config.init_from is None else config.init_from.path,
             "earlybert": None if config.earlybert is None else dataclasses.asdict(config.earlybert)}

@@ -6,10 +6,20 @@ launch/slurm/pretrain_{single,multi}_node.sbatch with the resources filled in.
 
 World size = nodes x tasks_per_node (default: one task per GPU). Everything after `--` goes to launch/train.py
 (the job adds --deepspeed_config, --output_dir and --resume itself). --dry_run prints the sbatch command only.
+
+Two phases (docs/launching.md): `--after JOB` starts this job only once job JOB has completed successfully
+(`--dependency=afterok:JOB`, which a requeue of JOB does not break), and `--parsable` prints only the job id, so a
+shell can pass it on:
+
+    JOB1=$(python launch/slurm/submit.py --parsable --config ds_configs/pld.json --output_dir /shared/runs/phase1) &&
+    python launch/slurm/submit.py --after "$JOB1" --config ds_configs/pld_phase2.json \
+        --output_dir /shared/runs/phase2 -- --init_from /shared/runs/phase1/final
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shlex
 import subprocess
 import sys
@@ -50,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--hostfile", help="deepspeed launcher: use this hostfile instead of the allocation's")
     parser.add_argument("--ds_launcher", choices=("pdsh", "slurm", "openmpi", "mvapich"),
                         help="deepspeed launcher on several nodes (default pdsh, needs ssh)")
+    parser.add_argument("--after", metavar="JOB_ID", action="append", default=[],
+                        help="start only after job JOB_ID completed successfully (sbatch --dependency=afterok); "
+                             "repeatable")
+    parser.add_argument("--parsable", action="store_true",
+                        help="print only the job id on stdout (the sbatch command goes to stderr)")
     parser.add_argument("--sbatch_arg", action="append", default=[], help="extra sbatch option, repeatable")
     parser.add_argument("--dry_run", action="store_true", help="check and print the sbatch command, submit nothing")
     args = parser.parse_args(own)
@@ -66,6 +81,13 @@ def train_overrides(train_args: list[str]) -> list[tuple[str, object]]:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--set", action="append", default=[])
     return [parse_override(text) for text in parser.parse_known_args(train_args)[0].set]
+
+
+def train_init_from(train_args: list[str]) -> str | None:
+    """The `--init_from` among the train.py flags after `--`, if any."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--init_from")
+    return parser.parse_known_args(train_args)[0].init_from
 
 
 def check(args: argparse.Namespace, train_args: list[str]) -> None:
@@ -87,6 +109,12 @@ def check(args: argparse.Namespace, train_args: list[str]) -> None:
         raise SubmitError(f"hostfile {args.hostfile!r} does not exist")
     if not Path(args.config).is_file():
         raise SubmitError(f"config {args.config!r} does not exist")
+    bad_jobs = [job for job in args.after if not job.isdigit()]
+    if bad_jobs:
+        raise SubmitError(f"--after {bad_jobs[0]!r}: expected a job id (digits), as --parsable prints it")
+    init_from = train_init_from(train_args)
+    if init_from is not None and not args.after and not Path(init_from).exists():
+        raise SubmitError(f"--init_from {init_from!r} does not exist (and no --after job is to write it first)")
 
     from ds_pld.config import with_overrides
     from ds_pld.config_errors import ConfigError
@@ -114,20 +142,41 @@ def sbatch_command(args: argparse.Namespace, train_args: list[str]) -> list[str]
            f"--cpus-per-task={args.cpus_per_task}", f"--time={args.time}", f"--signal=B:USR1@{args.signal_secs}",
            f"--output={output_dir / 'slurm-%j.out'}", f"--export={export}"]
     cmd += [f"--{name}={getattr(args, name)}" for name in ("partition", "account", "qos") if getattr(args, name)]
+    if args.after:
+        cmd.append(f"--dependency=afterok:{':'.join(args.after)}")
     cmd += args.sbatch_arg
     script = SCRIPTS["single" if args.nodes == 1 else "multi"]
     return [*cmd, str(script), str(Path(args.config).resolve()), str(output_dir), *train_args]
 
 
+@contextlib.contextmanager
+def stdout_to_stderr(active: bool):
+    """With --parsable, stdout carries the job id only: what imports print there (DeepSpeed's accelerator notice
+    goes through a handler bound to the original stdout) is sent to stderr, at the file-descriptor level."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main(argv: list[str] | None = None) -> int:
     args, train_args = parse_args(argv)
     try:
-        check(args, train_args)
+        with stdout_to_stderr(args.parsable):
+            check(args, train_args)
     except SubmitError as err:
         print(f"submit.py: error: {err}", file=sys.stderr)
         return 2
     cmd = sbatch_command(args, train_args)
-    print(shlex.join(cmd), flush=True)
+    print(shlex.join(cmd), file=sys.stderr if args.parsable else sys.stdout, flush=True)
     if args.dry_run:
         return 0
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)  # sbatch writes the log there; it must exist
@@ -136,7 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"submit.py: sbatch failed ({proc.returncode}): {proc.stderr.strip()}", file=sys.stderr)
         return proc.returncode
     job_id = proc.stdout.strip().split(";")[0]
-    print(f"submitted job {job_id}; log: {Path(args.output_dir).resolve() / f'slurm-{job_id}.out'}")
+    log = Path(args.output_dir).resolve() / f"slurm-{job_id}.out"
+    if args.parsable:
+        print(f"submitted job {job_id}; log: {log}", file=sys.stderr)
+        print(job_id, flush=True)
+    else:
+        print(f"submitted job {job_id}; log: {log}")
     return 0
 
 
