@@ -16,7 +16,13 @@ times each PLD draw `--rounds` times, keeps each draw's minimum and averages ove
 expectation over draws).
 
     python benchmarks/earlybert_speed.py --layers 2 --batch 8 --seq 128             # CPU-sized
+    python benchmarks/earlybert_speed.py --layers 2 --tokens 1024 --seq 128 512     # the sequence-length axis
     python benchmarks/earlybert_speed.py --layers 12 --batch 32 --device cuda       # GPU
+
+With several `--seq` values each part runs at each length (batch `--tokens` / seq when `--tokens` is given, so
+every length does the same linear work) and a closing table puts the measured ratios next to the FLOP ratios and
+attention's share of a layer: pruning heads removes attention work, pruning FFN neurons does not, so the ticket's
+FLOP ratio moves with the sequence length.
 """
 from __future__ import annotations
 
@@ -42,13 +48,18 @@ from ds_pld.models.bert import IGNORE_INDEX
 from ds_pld.pld import expected_layers, sample_keep_mask
 from ds_pld.timing import StepTimer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flops import attention_share, layer_flops  # noqa: E402
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="bert-base")
     parser.add_argument("--layers", type=int, default=2, help="layers in part 1")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--seq", type=int, nargs="+", default=[128], help="one or more sequence lengths")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="tokens per step: batch = tokens / seq at each length (default: --batch sequences)")
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--head-ratio", type=float, default=1.0 / 3.0)
     parser.add_argument("--ffn-ratio", type=float, default=0.4)
@@ -76,14 +87,9 @@ class Models:
 
 
 def layer_matmul_flops(config: BertConfig, seq: int) -> float:
-    """Forward matmul FLOPs per token of all layers (training costs 3x for both models, so ratios hold)."""
-    hidden, head_dim = config.hidden_size, config.head_dim
-    total = 0.0
-    for layer in range(config.num_layers):
-        width = config.heads(layer) * head_dim
-        total += 2 * hidden * 3 * width + 2 * 2 * seq * width + 2 * width * hidden
-        total += 2 * 2 * hidden * config.intermediate(layer)
-    return total
+    """Forward matmul FLOPs of all layers on one sequence (training costs 3x for both models, so ratios hold)."""
+    return sum(layer_flops(config.hidden_size, config.heads(layer) * config.head_dim, config.intermediate(layer), seq)
+               for layer in range(config.num_layers))
 
 
 def build_models(args: argparse.Namespace, layers: int) -> Models:
@@ -154,7 +160,8 @@ def flop_ratio(models: Models, seq: int) -> float:
     return layer_matmul_flops(models.slim.config, seq) / layer_matmul_flops(models.full.config, seq)
 
 
-def part1(args: argparse.Namespace) -> None:
+def part1(args: argparse.Namespace) -> tuple[float, float]:
+    """Returns (measured median ratio, FLOP ratio)."""
     models = build_models(args, args.layers)
     ratio = flop_ratio(models, args.seq)
     steps = {"full": make_step(models.full, args, args.batch, pld=False),
@@ -171,9 +178,11 @@ def part1(args: argparse.Namespace) -> None:
         print(f"  {label:6s}  full {full_s * 1e3:8.1f} ms/step   EarlyBERT {slim_s * 1e3:8.1f} ms/step   "
               f"ratio {slim_s / full_s:.3f}   speed-up {full_s / slim_s:.2f}x")
     print(f"  layer-matmul FLOP ratio {ratio:.3f}")
+    return statistics.median(slim) / statistics.median(full), ratio
 
 
-def part2(args: argparse.Namespace) -> None:
+def part2(args: argparse.Namespace) -> tuple[float, float]:
+    """Returns (measured ratio per sample, ideal ratio)."""
     num_layers = args.pld_layers or build_bert_config(args.preset).num_layers
     batch = args.pld_batch or args.batch
     models = build_models(args, num_layers)
@@ -195,6 +204,7 @@ def part2(args: argparse.Namespace) -> None:
     print(f"  measured ratio {combined / base:.3f}  (speed-up {base / combined:.2f}x);  ideal: FLOP ratio {ratio:.3f}"
           f" x {expected:.2f}/{num_layers} = {ratio * expected / num_layers:.3f}, with the layers run "
           f"{ratio * ran / num_layers:.3f}")
+    return combined / base, ratio * expected / num_layers
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -203,10 +213,25 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
           f"load average {load_average()}")
-    if not args.skip_part1:
-        part1(args)
-    if not args.skip_pld:
-        part2(args)
+    rows = []
+    for seq in args.seq:
+        batch = max(1, args.tokens // seq) if args.tokens else args.batch
+        at = argparse.Namespace(**{**vars(args), "seq": seq, "batch": batch,
+                                   "pld_batch": batch if args.tokens else args.pld_batch})
+        pruned = part1(at) if not args.skip_part1 else None
+        combined = part2(at) if not args.skip_pld else None
+        rows.append((seq, batch, pruned, combined))
+    if len(rows) > 1:
+        config = build_bert_config(args.preset)
+        print("| seq | batch | attention share of a layer | EarlyBERT / full (FLOP ratio) | "
+              "EarlyBERT + PLD / full (ideal) |")
+        print("|---|---|---|---|---|")
+        for seq, batch, pruned, combined in rows:
+            share = attention_share(config.hidden_size, config.num_heads * config.head_dim, config.intermediate_size,
+                                    seq)
+            cells = [f"{m:.3f} ({i:.3f})" if (m, i) != (None, None) else "-" for m, i in (pruned or (None, None),
+                                                                                          combined or (None, None))]
+            print(f"| {seq} | {batch} | {share:.1%} | {cells[0]} | {cells[1]} |")
     print(f"load average at the end {load_average()}")
 
 

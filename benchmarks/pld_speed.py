@@ -1,11 +1,14 @@
-"""Steady-state training-step time with Progressive Layer Dropping (theta = 0.5) against the same model without it,
-measured in one run on the same batches, interleaved so machine noise hits both alike.
+"""Layer speed: training-step time with Progressive Layer Dropping (theta = 0.5), random-LTD (the middle layers on a
+fraction of the tokens) and both, against the same model without them, measured in one run on the same batches,
+interleaved so machine noise hits every mode alike; at one or more sequence lengths.
 
-    python benchmarks/pld_speed.py --preset bert-base --batch 8 --seq 128 --iters 20
+    python benchmarks/pld_speed.py --preset bert-base --tokens 512 --seq 128 512 --iters 12
 
-Prints the measured time ratio (PLD / baseline) next to the ideal one (expected kept layers / L = 8.75/12 = 0.729 for
-L = 12) and the layers that actually ran, so the two can be told apart: a ratio above the ideal with as many layers
-run means per-layer overhead; a different layers-run count is sampling noise.
+Each mode's time ratio against the baseline is printed next to its ideal from the layers' matmul FLOPs
+(benchmarks/flops.py): PLD runs the expected 8.75 of 12 layers at theta 0.5 whatever the sequence; random-LTD's
+saving grows with the sequence, since attention (quadratic in the tokens) takes a larger share of a layer. The
+batch is `--tokens` / seq sequences, so every sequence length does the same linear work. What the ideal leaves out
+(embeddings, the MLM head, the optimizer step, gather/scatter) shows as the gap between the two.
 """
 from __future__ import annotations
 
@@ -13,42 +16,87 @@ import argparse
 import platform
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from flops import attention_share, layer_flops
 
 from ds_pld.models import build_model
-from ds_pld.pld import drop_seed, expected_layers
+from ds_pld.models.config import BertConfig
+from ds_pld.pld import drop_seed, keep_probabilities
+from ds_pld.random_ltd import TokenDrop
 from ds_pld.timing import StepTimer
 
-
-def one_step(model, optimizer, ids, labels, pld: bool, seed: int, with_optimizer: bool) -> tuple[float, int]:
-    with StepTimer(ids.device) as timer:
-        out = model(ids, labels=labels, progressive_layer_drop=pld, pld_theta=0.5, pld_seed=seed)
-        out.loss.backward()
-        if with_optimizer:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return timer.seconds, out.layers_run
+THETA = 0.5
 
 
-def fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:
-    """Intercept and slope of the least-squares line through (x, y) points."""
-    xs, ys = [float(x) for x, _ in points], [y for _, y in points]
-    mean_x, mean_y = statistics.mean(xs), statistics.mean(ys)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
-    return mean_y - slope * mean_x, slope
+def ideal_ratio(config: BertConfig, seq: int, pld: bool, keep: int | None) -> float:
+    """Expected layer FLOPs of a mode over the baseline's: PLD weighs layer l by its keep probability; random-LTD
+    runs the middle layers on `keep` tokens."""
+    def cost(layer: int) -> float:
+        tokens = keep if keep is not None and 0 < layer < config.num_layers - 1 else seq
+        return layer_flops(config.hidden_size, config.num_heads * config.head_dim, config.intermediate_size, tokens)
+
+    weights = keep_probabilities(THETA, config.num_layers) if pld else [1.0] * config.num_layers
+    return sum(w * cost(i) for i, w in enumerate(weights)) / sum(cost(i) for i in range(config.num_layers))
+
+
+def make_step(model, optimizer, ids, labels, with_optimizer: bool) -> Callable[[dict], float]:
+    def step(kwargs: dict) -> float:
+        with StepTimer(ids.device) as timer:
+            out = model(ids, labels=labels, **kwargs)
+            out.loss.backward()
+            if with_optimizer:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return timer.seconds
+
+    return step
+
+
+def measure(args: argparse.Namespace, model, optimizer, seq: int) -> list[tuple[str, float, float, float]]:
+    """(mode, median step seconds, ratio to the baseline (mean of means), ideal ratio) for one sequence length."""
+    device, config = next(model.parameters()).device, model.config
+    batch = max(1, args.tokens // seq)
+    ids = torch.randint(5, config.vocab_size, (batch, seq), device=device)
+    labels = torch.where(torch.rand(ids.shape, device=device) < 0.15, ids, -100)
+    keep = max(1, round(args.ltd_fraction * seq))
+    middle = tuple(range(1, config.num_layers - 1))
+    modes: dict[str, tuple[Callable[[int], dict], float]] = {
+        "baseline": (lambda i: {}, 1.0),
+        f"PLD theta={THETA}": (lambda i: {"progressive_layer_drop": True, "pld_theta": THETA,
+                                          "pld_seed": drop_seed(0, i, 0)}, ideal_ratio(config, seq, True, None)),
+        f"random-LTD {keep}/{seq}": (lambda i: {"random_ltd": TokenDrop(keep, middle)},
+                                     ideal_ratio(config, seq, False, keep)),
+        "PLD + random-LTD": (lambda i: {"progressive_layer_drop": True, "pld_theta": THETA,
+                                        "pld_seed": drop_seed(0, i, 0), "random_ltd": TokenDrop(keep, middle)},
+                             ideal_ratio(config, seq, True, keep)),
+    }
+    step = make_step(model, optimizer, ids, labels, args.with_optimizer)
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    for i in range(args.warmup + args.iters):
+        for name, (kwargs, _) in modes.items():
+            elapsed = step(kwargs(i))
+            if i >= args.warmup:
+                times[name].append(elapsed)
+    base = statistics.mean(times["baseline"])
+    return [(name, statistics.median(times[name]), statistics.mean(times[name]) / base, ideal)
+            for name, (_, ideal) in modes.items()]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="bert-base")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--iters", type=int, default=20, help="timed steps per mode")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--seq", type=int, nargs="+", default=[128, 512], help="sequence lengths")
+    parser.add_argument("--tokens", type=int, default=512, help="tokens per step (batch = tokens / seq)")
+    parser.add_argument("--ltd_fraction", type=float, default=0.5, help="share of tokens random-LTD keeps")
+    parser.add_argument("--iters", type=int, default=12, help="timed steps per mode and sequence length")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--with_optimizer", action="store_true",
                         help="include AdamW's step (a per-step constant that gradient accumulation amortises)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -56,43 +104,21 @@ def main() -> None:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = build_model(args.preset).to(device).train()
+    model = build_model(args.preset, max_position_embeddings=max(512, *args.seq)).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    vocab, layers = model.config.vocab_size, model.config.num_layers
-    ids = torch.randint(5, vocab, (args.batch, args.seq), device=device)
-    labels = torch.where(torch.rand(ids.shape, device=device) < 0.15, ids, -100)
-    times: dict[bool, list[float]] = {False: [], True: []}
-    ran: list[int] = []
-    samples: list[tuple[int, float]] = []  # (layers run, seconds) of every timed step
-    for i in range(args.warmup + args.iters):
-        for pld in (False, True):
-            elapsed, layers_run = one_step(model, optimizer, ids, labels, pld, drop_seed(0, i, 0), args.with_optimizer)
-            if i >= args.warmup:
-                times[pld].append(elapsed)
-                samples.append((layers_run, elapsed))
-                if pld:
-                    ran.append(layers_run)
-    base, pld_time = statistics.median(times[False]), statistics.median(times[True])
-    mean_ratio = statistics.mean(times[True]) / statistics.mean(times[False])
-    ideal = expected_layers(0.5, layers) / layers
-    # Least squares t = fixed + per_layer * layers_run over all timed steps: the step time PLD would average at the
-    # expected layer count, independent of how many layers this run's few draws happened to keep.
-    fixed, per_layer = fit_line(samples)
-    projected = (fixed + per_layer * expected_layers(0.5, layers)) / (fixed + per_layer * layers)
+    config = model.config
+    width = config.num_heads * config.head_dim
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"device {device}, torch {torch.__version__}")
-    print(f"model {args.preset} (L={layers}), batch {args.batch} x seq {args.seq}, {args.iters} timed steps per mode, "
-          f"optimizer step {'included' if args.with_optimizer else 'excluded'}")
-    print("| mode | median step (s) | samples/s | layers run (mean) |")
-    print("|---|---|---|---|")
-    print(f"| baseline | {base:.4f} | {args.batch / base:.2f} | {layers} |")
-    print(f"| PLD theta=0.5 | {pld_time:.4f} | {args.batch / pld_time:.2f} | {statistics.mean(ran):.2f} |")
-    print(f"time ratio PLD/baseline: {mean_ratio:.3f} (mean of means), ideal {ideal:.3f} "
-          f"(expected layers {expected_layers(0.5, layers):.2f}/{layers}); "
-          f"per-sample time saved: {1 - mean_ratio:.1%} (ideal {1 - ideal:.1%}); "
-          f"layers-run ratio this sample: {statistics.mean(ran) / layers:.3f}")
-    print(f"fit: step = {fixed:.4f} s + {per_layer:.4f} s x layers run -> ratio at the expected "
-          f"{expected_layers(0.5, layers):.2f} layers: {projected:.3f} (per-sample time saved {1 - projected:.1%})")
+    print(f"model {args.preset} (L={config.num_layers}), {args.tokens} tokens per step, {args.iters} timed steps per "
+          f"mode, optimizer step {'included' if args.with_optimizer else 'excluded'}; random-LTD on layers 2-"
+          f"{config.num_layers - 1} (1-based) keeping {args.ltd_fraction:.0%} of the tokens")
+    print("| seq | attention share of a layer | mode | median step (s) | time ratio | ideal (layer FLOPs) |")
+    print("|---|---|---|---|---|---|")
+    for seq in args.seq:
+        share = attention_share(config.hidden_size, width, config.intermediate_size, seq)
+        for name, median, ratio, ideal in measure(args, model, optimizer, seq):
+            print(f"| {seq} | {share:.1%} | {name} | {median:.4f} | {ratio:.3f} | {ideal:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from ttq.plan import ARMS, Group, RunSpec, StudySettings, count_runs  # noqa: E402
+from ttq.plan import ARMS, LTD_ARMS, Group, RunSpec, StudySettings, count_runs  # noqa: E402
 from ttq.store import CALIBRATION, DOWNSTREAM, RESULTS, mark_running, read_folder, read_json, write_atomic  # noqa: E402
 
 STUDY_DATA = {"vocab_size": 1024, "max_seq_length": 64}
@@ -98,8 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     factors = {}
     for item in args.steps_factor:
         arm, _, value = item.partition("=")
-        if arm not in ARMS or not value:
-            parser.error(f"--steps_factor {item!r}: expected ARM=F with ARM in {ARMS}")
+        if arm not in ARMS + LTD_ARMS or not value:
+            parser.error(f"--steps_factor {item!r}: expected ARM=F with ARM in {ARMS + LTD_ARMS}")
         factors[arm] = float(value)
     args.clock = args.clock or ("wall" if args.device == "cuda" else "cpu")
     args.threads = args.threads or (None if args.device == "cuda" else 1)
@@ -111,7 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.settings = StudySettings(
         budget_s=args.budget_s, layers=args.layers, hidden=args.hidden, heads=args.heads, batch=args.batch,
         lr_grid=args.lr_grid, thetas=args.thetas, seeds=args.seeds, warmup=args.warmup, dropout=args.dropout,
-        limited_dropout=args.limited_dropout, limited_sequences=args.limited_sequences, budget_factors=factors)
+        limited_dropout=args.limited_dropout, limited_sequences=args.limited_sequences, budget_factors=factors,
+        # the smoke run exercises random-LTD through the arm that has all three speed-ups
+        ltd_arms=LTD_ARMS[-1:] if args.smoke else LTD_ARMS)
     return args
 
 

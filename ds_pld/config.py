@@ -20,6 +20,7 @@ from ds_pld.config_errors import ConfigError, did_you_mean, in_source
 from ds_pld.earlybert.config import EarlyBertConfig
 from ds_pld.models.config import PLD_NEEDS_PRE_LN, BertConfig, InitFrom, parse_model_block
 from ds_pld.pld import PLDConfig
+from ds_pld.random_ltd import RandomLTDConfig
 
 PLUGIN_BLOCKS = ("progressive_layer_drop", "earlybert", "model")
 APPLICATION_BLOCKS = ("data", "lr_schedule", "training", "wandb", "glue")
@@ -144,6 +145,7 @@ class DsPldConfig:
     model: BertConfig | None = None
     source: str = "<dict>"
     init_from: InitFrom | None = None
+    random_ltd: RandomLTDConfig | None = None  # DeepSpeed's `data_efficiency.data_routing.random_ltd`, when on
 
 
 def parse_config(source: str | Path | Mapping[str, Any] | DsPldConfig) -> DsPldConfig:
@@ -160,6 +162,9 @@ def parse_config(source: str | Path | Mapping[str, Any] | DsPldConfig) -> DsPldC
         if pld.enabled and model is not None and model.layer_norm == "post":
             raise ConfigError(f"'progressive_layer_drop' is enabled with 'model.layer_norm' = \"post\": "
                               f"{PLD_NEEDS_PRE_LN}")
+        random_ltd = RandomLTDConfig.from_deepspeed(raw)
+        if random_ltd is not None and model is not None:
+            random_ltd.check_model(model.num_layers)
         return DsPldConfig(
             deepspeed=raw,
             pld=pld,
@@ -167,4 +172,5 @@ def parse_config(source: str | Path | Mapping[str, Any] | DsPldConfig) -> DsPldC
             model=model,
             source=where,
             init_from=init_from,
+            random_ltd=random_ltd,
         )

@@ -5,6 +5,9 @@ and ds_pld's checkpoints attached through public hooks.
   engine's `global_steps` (ds_pld.algorithms.pld).
 - Gradient norm for the divergence check: DeepSpeed's `get_global_grad_norm()`; at ZeRO-0 in fp32, which keeps none,
   an optimizer step pre-hook (torch's public `register_step_pre_hook`) takes it (ds_pld.plugin_state).
+- Random-LTD: DeepSpeed's engine schedules it from its own `data_efficiency.data_routing.random_ltd` block; the
+  `RandomTokenDropping` algorithm passes the scheduler's kept length to the model in a forward pre-hook
+  (ds_pld.algorithms.random_ltd).
 - ZeRO-3 with PLD: the encoder is one ZeRO-3 leaf, so DeepSpeed's leaf hook reduces a zero gradient for a dropped
   layer as stages 0-2 apply one (ds_pld.models.zero3); set-ups where it cannot be are refused, naming the key.
 - Checkpoints: `ds_pld.save_checkpoint(engine, ...)` / `ds_pld.load_checkpoint(engine, ...)` wrap DeepSpeed's public
@@ -21,6 +24,7 @@ import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 
 from ds_pld.algorithms.pld import ProgressiveLayerDropping, check_pld_model
+from ds_pld.algorithms.random_ltd import RandomTokenDropping, check_random_ltd_model
 from ds_pld.config import DsPldConfig, parse_config
 from ds_pld.config_errors import ConfigError
 from ds_pld.models.zero3 import check_zero3_pld, prepare_zero3_pld
@@ -58,9 +62,11 @@ def _check_pld_offload(parsed: DsPldConfig) -> None:
                           "offloaded gradient partitions of dropped layers): 'zero_optimization.offload_optimizer'")
 
 
-def attach(engine: DeepSpeedEngine, config: Any, pld: ProgressiveLayerDropping | None = None) -> DsPld:
+def attach(engine: DeepSpeedEngine, config: Any, pld: ProgressiveLayerDropping | None = None,
+           random_ltd: RandomTokenDropping | None = None) -> DsPld:
     """Attach ds_pld to an engine built by `deepspeed.initialize` with `config`'s DeepSpeed part: PLD (when the
-    config's `progressive_layer_drop` is on; `pld` an existing algorithm to move onto this engine), the ZeRO-0
+    config's `progressive_layer_drop` is on; `pld` an existing algorithm to move onto this engine), random-LTD (when
+    DeepSpeed's `random_ltd` block is on; `random_ltd` likewise), the ZeRO-0
     gradient norm, checkpoint state, and a ds_pld Lamb bound to ZeRO's partitions. Under ZeRO-3 with PLD, the model
     must have been given to `ds_pld.models.zero3.prepare_zero3_pld` before `deepspeed.initialize`."""
     parsed = parse_config(config)
@@ -85,7 +91,13 @@ def attach(engine: DeepSpeedEngine, config: Any, pld: ProgressiveLayerDropping |
             check_zero3_pld(engine.module)
         pld = pld or ProgressiveLayerDropping(ProgressiveLayerDrop.from_config(parsed.pld))
         pld.attach(engine)
-    plugin = DsPld(engine, parsed, pld)
+    if random_ltd is not None and parsed.random_ltd is None:
+        raise ConfigError("a random-LTD algorithm was given but 'data_efficiency.data_routing.random_ltd' is not "
+                          "enabled in the config")
+    if parsed.random_ltd is not None:
+        random_ltd = random_ltd or RandomTokenDropping(parsed.random_ltd)
+        random_ltd.attach(engine)
+    plugin = DsPld(engine, parsed, pld, random_ltd)
     setattr(engine, PLUGIN_ATTR, plugin)
     bind_lamb_to_engine(engine)  # a no-op unless the base optimizer is ds_pld's Lamb
     return plugin
@@ -118,11 +130,12 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
                model_parameters: Any = None, training_data: Any = None, lr_scheduler: Any = None,
                distributed_port: int = 29500, mpu: Any = None, dist_init_required: bool | None = None,
                collate_fn: Any = None, config: Any = None, mesh_param: Any = None, config_params: Any = None,
-               pld: ProgressiveLayerDropping | None = None) -> tuple[DeepSpeedEngine, Any, Any, Any]:
-    """Same arguments and return tuple as `deepspeed.initialize` (plus `pld`, see `attach`); the engine is
-    DeepSpeed's own. The config may carry our blocks: `progressive_layer_drop` is applied, `model` builds the model
-    when none is passed, `earlybert` is refused (it needs a training loop); the trainer's and fine-tuning's blocks
-    are left to their owners; other unknown top-level keys are errors."""
+               pld: ProgressiveLayerDropping | None = None, random_ltd: RandomTokenDropping | None = None
+               ) -> tuple[DeepSpeedEngine, Any, Any, Any]:
+    """Same arguments and return tuple as `deepspeed.initialize` (plus `pld` and `random_ltd`, see `attach`); the
+    engine is DeepSpeed's own. The config may carry our blocks: `progressive_layer_drop` is applied, `model` builds
+    the model when none is passed, `earlybert` is refused (it needs a training loop); the trainer's and
+    fine-tuning's blocks are left to their owners; other unknown top-level keys are errors."""
     source, args = _config_source(args, config, config_params)
     parsed = parse_config(source)
     if parsed.earlybert is not None:
@@ -131,6 +144,8 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     if parsed.pld.enabled:
         check_pld_model(model)  # before DeepSpeed builds anything
         _check_pld_offload(parsed)
+    if parsed.random_ltd is not None:
+        check_random_ltd_model(model, parsed.random_ltd)
     ds_config = copy.deepcopy(parsed.deepspeed)
     prepare_zero3_pld(model, ds_config, parsed.pld.enabled)  # before DeepSpeed installs its ZeRO-3 hooks
     if optimizer is None and str((ds_config.get("optimizer") or {}).get("type", "")).lower() == "lamb":
@@ -141,5 +156,5 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
         lr_scheduler=lr_scheduler, distributed_port=distributed_port, mpu=mpu, dist_init_required=dist_init_required,
         collate_fn=collate_fn, config=ds_config, mesh_param=mesh_param)
-    attach(engine, dataclasses.replace(parsed, model=None, init_from=None), pld=pld)
+    attach(engine, dataclasses.replace(parsed, model=None, init_from=None), pld=pld, random_ltd=random_ltd)
     return engine, optimizer, loader, scheduler

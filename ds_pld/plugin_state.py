@@ -34,10 +34,11 @@ class DsPld:
     """ds_pld's state for one engine. `extra_state`: name -> object with state_dict/load_state_dict, saved in the
     checkpoint's client_state; `checkpoint_meta`: extra keys for the checkpoint's metadata file."""
 
-    def __init__(self, engine: Any, config: DsPldConfig, pld: Any = None):
+    def __init__(self, engine: Any, config: DsPldConfig, pld: Any = None, random_ltd: Any = None):
         self.engine = engine
         self.config = config
         self.pld = pld  # ds_pld.algorithms.ProgressiveLayerDropping, attached to engine, or None
+        self.random_ltd = random_ltd  # ds_pld.algorithms.random_ltd.RandomTokenDropping, attached, or None
         self.extra_state: dict[str, Stateful] = {} if pld is None else {pld.name: pld}
         self.checkpoint_meta: dict[str, Any] = {}
         self._zero0_grad_norm: torch.Tensor | None = None
@@ -65,8 +66,9 @@ class DsPld:
         if self._norm_hook is not None:
             self._norm_hook.remove()
             self._norm_hook = None
-        if self.pld is not None:
-            self.pld.detach()
+        for algorithm in (self.pld, self.random_ltd):
+            if algorithm is not None:
+                algorithm.detach()
 
 
 def plugin_of(engine: Any) -> DsPld:

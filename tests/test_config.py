@@ -76,8 +76,12 @@ def test_run_config_composes_the_core_and_the_trainers_blocks(tmp_path):
     assert run.training.max_steps == 5 and run.lr_schedule.type == "constant" and run.data.max_seq_length == 64
     assert run.model.num_layers == 2 and run.source == str(path) and run.deepspeed == {"train_batch_size": 2}
     assert parse_config(run) is run, "ds_pld.initialize takes the run config as it is"
-    for name in ("cpu_small", "baseline", "pld", "pld_lamb", "earlybert", "pld_earlybert"):
+    for name in ("cpu_small", "baseline", "pld", "pld_lamb", "earlybert", "pld_earlybert", "random_ltd",
+                 "pld_random_ltd"):
         assert parse_run_config(ROOT / "ds_configs" / f"{name}.json").model is not None
+    both = parse_run_config(ROOT / "ds_configs" / "pld_random_ltd.json")
+    assert both.pld.enabled and both.random_ltd.layers == tuple(range(1, 11))
+    assert parse_run_config(ROOT / "ds_configs" / "random_ltd.json").pld.enabled is False
 
 
 # --- typed blocks: one line naming the key (and the file) ----------------------------------------------------------

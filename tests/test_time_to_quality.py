@@ -196,6 +196,9 @@ def test_smoke_study_runs_every_regime_and_resumes(tmp_path: Path, synthetic_wor
     assert all(len(entry["downstream_accuracy"]) == 2 for entry in rich.values())
     assert all(entry.get("verdict", "").startswith("no difference") for arm, entry in rich.items() if arm != "baseline")
     assert 0.0 <= rich["baseline"]["downstream_accuracy"][0] <= 1.0
+    assert set(rich) == {*plan.ARMS, "pld+earlybert+random-ltd"}
+    ltd = [r for r in study["results"].values() if r["spec"]["arm"] == "pld+earlybert+random-ltd"]
+    assert len(ltd) == 2 and all(r["mean_ltd_tokens"] < 32 for r in ltd), "random-LTD keeps fewer tokens at first"
     assert max(rich["pld"]["mean_layers_run"]) < 2 and all(s is not None for s in [
         r["earlybert_drawn_step"] for r in study["results"].values() if "earlybert" in r["spec"]["arm"]])
     limited = study["regimes"][plan.DATA_LIMITED]["arms"]["baseline"]

@@ -149,12 +149,33 @@ def test_quick_start_config_is_valid():
     assert os.path.isfile(TRAIN)
 
 
+RANDOM_LTD = {"enabled": True, "total_layer_num": 3, "random_ltd_layer_num": 1, "random_ltd_layer_id": [1],
+              "model_mask_name": "attention_mask", "model_type": "encoder", "hidden_state_order": "batch_seq_dim",
+              "random_ltd_schedule": {"min_value": 8, "max_value": 32, "schedule_type": "fixed_linear",
+                                      "schedule_config": {"require_steps": 10, "seq_per_step": 8}}}
+
+
+def deepspeed_token_schedule(block: dict, steps: int) -> list[int]:
+    """The kept length of each step 1..steps by DeepSpeed's own scheduler, fed as its engine feeds it."""
+    from deepspeed.runtime.data_pipeline.data_routing.scheduler import RandomLTDScheduler
+
+    scheduler = RandomLTDScheduler({**block, "global_batch_size": 16, "layer_token_lr_schedule": {"enabled": False}})
+    kept = []
+    for step in range(steps):
+        scheduler.update_seq(step)
+        kept.append(scheduler.get_current_seq())
+    return kept
+
+
 @pytest.mark.slow
-def test_earlybert_with_pld_searches_draws_prunes_and_resumes(prepared, tmp_path):
+def test_earlybert_with_pld_and_random_ltd_searches_draws_prunes_and_resumes(prepared, tmp_path):
+    """The three speed-ups together on 2 ranks: EarlyBERT searches and draws while PLD drops layers and random-LTD
+    drops tokens; the engine rebuilt for the pruned model and the resumed run keep DeepSpeed's token schedule."""
     config = json.loads(tiny_train_config(tmp_path / "config.json", prepared).read_text())
     config["model"]["num_heads"] = 4
     config["earlybert"] = {"lambda_head": 1e-2, "lambda_ffn": 1e-2, "check_every": 1, "window": 2, "epsilon": 0.5,
                            "max_search_steps": 5, "head_prune_ratio": 0.25, "ffn_prune_ratio": 0.4}
+    config["data_efficiency"] = {"enabled": True, "data_routing": {"enabled": True, "random_ltd": RANDOM_LTD}}
     path = tmp_path / "earlybert.json"
     path.write_text(json.dumps(config))
     out = tmp_path / "out"
@@ -172,9 +193,14 @@ def test_earlybert_with_pld_searches_draws_prunes_and_resumes(prepared, tmp_path
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert not any("earlybert_drawn_step" in r for r in records[8:]), "a resumed run must not search again"
+    schedule = deepspeed_token_schedule(RANDOM_LTD, STEPS)
+    assert [r["ltd_tokens"] for r in records] == schedule and schedule[0] == 8 and schedule[-1] == 32
+    assert all(b["ltd_layer_tokens"] > a["ltd_layer_tokens"] for a, b in zip(records, records[1:]))
     from ds_pld.models.io import load_pretrained
 
-    assert load_pretrained(out / "final").config.layer_heads == (3, 3, 3)
+    final = load_pretrained(out / "final")
+    assert final.config.layer_heads == (3, 3, 3)
+    assert "random_ltd" not in (out / "final" / "config.json").read_text()
 
 
 @pytest.mark.slow

@@ -38,6 +38,15 @@ def run_config(run: RunSpec, settings: StudySettings, data: Path, seq: int, sear
         # theta is set from the budget before every step; the step schedule below is never the one used.
         config["progressive_layer_drop"] = {"enabled": True, "theta": run.theta, "gamma": 0.0,
                                             "seed": run.seed}
+    if run.uses_random_ltd:
+        # DeepSpeed's block; the kept length is set from the budget before every step (Arm._schedule).
+        middle = list(range(1, settings.layers - 1))
+        config["data_efficiency"] = {"enabled": True, "data_routing": {"enabled": True, "random_ltd": {
+            "enabled": True, "total_layer_num": settings.layers, "random_ltd_layer_num": len(middle),
+            "random_ltd_layer_id": middle, "model_type": "encoder",
+            "random_ltd_schedule": {"min_value": max(1, int(settings.ltd_start * seq)), "max_value": seq,
+                                    "schedule_type": "fixed_linear",
+                                    "schedule_config": {"require_steps": 10**9, "seq_per_step": 8}}}}}
     if run.uses_earlybert:
         config["earlybert"] = {
             "lambda_head": settings.earlybert_lambda, "lambda_ffn": settings.earlybert_lambda,
@@ -56,13 +65,14 @@ class Arm:
     """A run on its own clock; `curve` holds the evaluations (time 0, then every 1/EVAL_POINTS of the budget)."""
 
     def __init__(self, spec: RunSpec, run: Any, budget: Budget, clock: ClockKind, device: str | None = None,
-                 train_slice: Any = None):
-        self.spec, self.run, self.budget = spec, run, budget
+                 train_slice: Any = None, settings: StudySettings | None = None):
+        self.spec, self.run, self.budget, self.settings = spec, run, budget, settings
         self.clock = Clock(clock, device)
         self.train_slice = train_slice  # a fixed slice of the training data, scored for the data-limited regime
         self.curve: list[dict[str, float]] = []
         self.step_times: list[float] = []
         self.layers_run: list[float] = []
+        self.ltd_tokens: list[int] = []
         self.drawn_step: int | None = None
         self.diverged_at: int | None = None
         self.next_mark = 0.0
@@ -91,6 +101,12 @@ class Arm:
             from ds_pld import plugin_of
 
             plugin_of(engine).pld.set_theta(self.budget.theta(self.clock.total, self.spec.theta))
+        if self.spec.uses_random_ltd:
+            from ds_pld import plugin_of
+
+            settings, seq = self.settings, engine.module.config.max_position_embeddings
+            plugin_of(engine).random_ltd.set_tokens(
+                self.budget.tokens(self.clock.total, seq, settings.ltd_start, settings.ltd_full_at))
 
     def train(self, steps: int) -> None:
         from ds_pld.training.divergence import TrainingDiverged
@@ -109,6 +125,8 @@ class Arm:
                 return
             self.step_times.append(self.clock.stop())
             self.layers_run.append(record["layers_run"])
+            if "ltd_tokens" in record:
+                self.ltd_tokens.append(record["ltd_tokens"])
             self.drawn_step = record.get("earlybert_drawn_step", self.drawn_step)
             record["clock_s"] = self.clock.total
             if self.done or self.clock.total >= self.next_mark:
@@ -119,6 +137,7 @@ class Arm:
         median = statistics.median(self.step_times) if self.step_times else math.nan
         return {"steps": self.run.step, "train_time_s": self.clock.total, "clock": self.clock.kind,
                 "median_step_s": median, "mean_layers_run": statistics.fmean(self.layers_run or [math.nan]),
+                **({"mean_ltd_tokens": statistics.fmean(self.ltd_tokens)} if self.ltd_tokens else {}),
                 "earlybert_drawn_step": self.drawn_step, "diverged_at": self.diverged_at,
                 "epochs": self.run.batches.epoch(max(0, self.run.step - 1)) + 1,
                 "model": self.run.engine.module.config.to_dict(), "curve": self.curve}

@@ -54,6 +54,13 @@ class Budget:
         """PLD's keep-probability schedule over the budget: 1 at the start, theta_bar soon after."""
         return (1.0 - theta_bar) * math.exp(-self.gamma * self.progress(clock)) + theta_bar
 
+    def tokens(self, clock: float, seq: int, start_fraction: float, full_at: float, multiple: int = 8) -> int:
+        """Random-LTD's kept length over the budget: DeepSpeed's fixed_linear schedule (from `start_fraction` of
+        `seq`, rounded down to a `multiple`, to all of it at `full_at` of the budget) on the budget's share spent."""
+        low = start_fraction * seq
+        kept = int(low + (seq - low) * min(1.0, self.progress(clock) / full_at))
+        return min(seq, max(multiple, kept - kept % multiple))
+
 
 def plan_steps(budget: Budget, step_seconds: float, fraction: float = 1.0) -> int:
     """Steps that fit in `fraction` of the budget at `step_seconds` a step (at least 1)."""

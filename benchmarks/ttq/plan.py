@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 ARMS = ("baseline", "pld", "earlybert", "pld+earlybert")
+LTD_ARMS = ("random-ltd", "pld+random-ltd", "pld+earlybert+random-ltd")  # the data-rich regime only
 DATA_RICH, DATA_LIMITED, POST_LN = "data-rich", "data-limited", "post-ln"
 REGIMES = (DATA_RICH, DATA_LIMITED, POST_LN)
 
@@ -45,6 +46,9 @@ class StudySettings:
     ffn_prune: float = 0.4
     search_fraction: float = 0.1
     earlybert_lambda: float = 1e-4
+    ltd_arms: tuple[str, ...] = LTD_ARMS
+    ltd_start: float = 0.5  # random-LTD keeps this share of the tokens at first ...
+    ltd_full_at: float = 0.7  # ... and every token from this share of the budget on
     budget_factors: Mapping[str, float] = field(default_factory=dict)  # --steps_factor: a manual override per arm
 
 
@@ -74,6 +78,10 @@ class RunSpec:
     @property
     def uses_earlybert(self) -> bool:
         return "earlybert" in self.arm.split("+")
+
+    @property
+    def uses_random_ltd(self) -> bool:
+        return "random-ltd" in self.arm.split("+")
 
 
 @dataclass(frozen=True)
@@ -143,7 +151,8 @@ def regime_runs(settings: StudySettings, regime: str, picked: Choices) -> dict[t
         extra: dict[str, Any] = {}
         if regime == DATA_LIMITED:
             extra = dict(dropout=settings.limited_dropout, train_sequences=settings.limited_sequences)
-        arms = {arm: dict(arm=arm, lr=lr, theta=theta if "pld" in arm else None, **extra) for arm in ARMS}
+        names = ARMS + (settings.ltd_arms if regime == DATA_RICH else ())
+        arms = {arm: dict(arm=arm, lr=lr, theta=theta if "pld" in arm else None, **extra) for arm in names}
     return {(name, seed): spec(settings, seed=seed, **fields) for name, fields in arms.items()
             for seed in settings.seeds if "pld" not in fields["arm"] or theta is not None}
 

@@ -110,7 +110,7 @@ def run_group(group: Group, settings: StudySettings, data: Path, out: Path, args
         limited = spec.train_sequences is not None
         train_slice = run.data.train.select(range(min(len(run.data.train), args.eval_batches * run.micro_batch)))
         arm = Arm(spec, run, Budget(spec.budget_s, settings.warmup, settings.gamma_budget), args.clock,
-                  args.device, train_slice if limited else None)
+                  args.device, train_slice if limited else None, settings)
         arm.evaluate()
         arms.append(arm)
     pending = list(arms)

@@ -65,10 +65,14 @@ class State:
     def replace_model(self, model: nn.Module) -> None:
         """Swap the engine for one around `model`, continuing the step count, samples seen and LR schedule."""
         step, samples = self.engine.global_steps, self.engine.global_samples
+        # DeepSpeed's random-LTD schedule lives in the engine (its checkpoints carry it): the new one continues it.
+        token_schedule = self.engine.random_ltd_scheduler.state_dict() if self.engine.random_ltd_enabled() else None
         plugin_of(self.engine).detach()
         self.engine.destroy()
         self.engine = self.build_engine(model, step)
         continue_progress(self.engine, step, samples)
+        if token_schedule is not None:
+            self.engine.random_ltd_scheduler.load_state_dict(token_schedule)
 
 
 class Algorithm(abc.ABC):

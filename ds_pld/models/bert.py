@@ -10,10 +10,15 @@ keyword arguments (`progressive_layer_drop`, `pld_theta`) plus `pld_seed`, which
 With `layer_norm="post"` (`PostLNLayer`) each layer is the original BERT layer, h = LN1(x + Attn(x)),
 y = LN2(h + FFN(h)), with the same parameter names (LN1 is `attn_norm`, LN2 `ffn_norm`) and no final encoder
 LayerNorm. PLD's identity-able residual is pre-LN, so a post-LN model refuses to drop layers.
+
+Random-LTD (`random_ltd=TokenDrop(keep, layers)`, ds_pld.random_ltd): in training, each listed layer runs on `keep`
+random tokens of each sequence and the others pass it unchanged; the MLM head still sees every position. It
+composes with PLD: a dropped layer drops all its tokens, a kept one may drop some.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +31,7 @@ from ds_pld.config_errors import ConfigError
 from ds_pld.kernels import build_ops
 from ds_pld.models.config import PLD_NEEDS_PRE_LN, BertConfig, build_bert_config
 from ds_pld.pld import keep_probabilities, sample_keep_mask
+from ds_pld.random_ltd import TokenDrop, check_token_drop_layers, on_kept_tokens, sample_token_indices
 
 IGNORE_INDEX = -100
 
@@ -143,7 +149,8 @@ class BertEncoder(nn.Module):
         self.final_norm = nn.Identity() if self.post_ln else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, progressive_layer_drop: bool,
-                pld_theta: float, pld_seed: int | None) -> tuple[torch.Tensor, int]:
+                pld_theta: float, pld_seed: int | None, random_ltd: TokenDrop | None = None
+                ) -> tuple[torch.Tensor, int]:
         num_layers = len(self.layers)
         use_pld = self.training and progressive_layer_drop
         if use_pld and self.post_ln:
@@ -151,13 +158,25 @@ class BertEncoder(nn.Module):
                               f"{PLD_NEEDS_PRE_LN}")
         keep = sample_keep_mask(pld_theta, num_layers, pld_seed) if use_pld else [True] * num_layers
         scales = [1.0 / p for p in keep_probabilities(pld_theta, num_layers)] if use_pld else [1.0] * num_layers
+        tokens = self._kept_tokens(x, random_ltd) if self.training else {}
         recompute = self.training and self.config.gradient_checkpointing and torch.is_grad_enabled()
-        for layer, kept, scale in zip(self.layers, keep, scales):
-            if not kept:
+        for i, (layer, kept, scale) in enumerate(zip(self.layers, keep, scales)):
+            if not kept:  # PLD: a dropped layer drops every token
                 continue
-            # The keep decision is made outside the checkpointed region, so recomputation runs the same layers.
-            x = checkpoint(layer, x, attn_mask, scale, use_reentrant=False) if recompute else layer(x, attn_mask, scale)
+            # The keep decisions are made outside the checkpointed region, so recomputation runs the same work.
+            run = partial(checkpoint, layer, use_reentrant=False) if recompute else layer
+            run = partial(run, scale=scale)
+            x = on_kept_tokens(run, x, attn_mask, tokens[i]) if i in tokens else run(x, attn_mask)
         return self.final_norm(x), sum(keep)
+
+    def _kept_tokens(self, x: torch.Tensor, random_ltd: TokenDrop | None) -> dict[int, torch.Tensor]:
+        """Random-LTD: layer index -> [batch, keep] positions it runs on, drawn for every dropping layer at once
+        (as DeepSpeed draws them, whether or not PLD then drops the layer); {} when every token runs."""
+        if random_ltd is None or random_ltd.keep >= x.shape[1]:
+            return {}
+        check_token_drop_layers(random_ltd.layers, len(self.layers))
+        index = sample_token_indices(random_ltd.keep, x.shape[1], x.shape[0], len(random_ltd.layers), x.device)
+        return dict(zip(random_ltd.layers, index))
 
 
 class MLMHead(nn.Module):
@@ -200,21 +219,23 @@ class BertForPreTraining(nn.Module):
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None, progressive_layer_drop: bool = False,
-               pld_theta: float = 1.0, pld_seed: int | None = None) -> tuple[torch.Tensor, int]:
+               pld_theta: float = 1.0, pld_seed: int | None = None, random_ltd: TokenDrop | None = None
+               ) -> tuple[torch.Tensor, int]:
         """Final hidden states [batch, seq, hidden] and the number of layers that ran."""
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds 'model.max_position_embeddings' = "
                              f"{self.config.max_position_embeddings}")
         attn_mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()
         x = self.embeddings(input_ids, token_type_ids)
-        return self.encoder(x, attn_mask, progressive_layer_drop, pld_theta, pld_seed)
+        return self.encoder(x, attn_mask, progressive_layer_drop, pld_theta, pld_seed, random_ltd)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 next_sentence_label: torch.Tensor | None = None, progressive_layer_drop: bool = False,
-                pld_theta: float = 1.0, pld_seed: int | None = None) -> PretrainingOutput:
+                pld_theta: float = 1.0, pld_seed: int | None = None, random_ltd: TokenDrop | None = None
+                ) -> PretrainingOutput:
         hidden, layers_run = self.encode(input_ids, attention_mask, token_type_ids, progressive_layer_drop,
-                                         pld_theta, pld_seed)
+                                         pld_theta, pld_seed, random_ltd)
         decoder = self.embeddings.word.weight
         if labels is None:
             return PretrainingOutput(logits=self.mlm(hidden, decoder), nsp_logits=self._nsp_logits(hidden),

@@ -18,6 +18,7 @@ from torch import nn
 import ds_pld
 from ds_pld.algorithms import Algorithm, State, build_algorithms, register_checkpoint_state
 from ds_pld.algorithms.pld import ProgressiveLayerDropping
+from ds_pld.algorithms.random_ltd import RandomTokenDropping
 from ds_pld.algorithms.select import find_algorithm
 from ds_pld.config_errors import ConfigError, in_source
 from ds_pld.data import MLMMasker, PretrainingData, StepBatches
@@ -124,9 +125,9 @@ class EngineFactory:
         # The trainer owns the model and EarlyBERT; the plugin gets the DeepSpeed part and PLD.
         config = dataclasses.replace(self.config, deepspeed=self.ds_config, model=None, earlybert=None,
                                      init_from=None)
-        pld = next((a for a in self.stateful if isinstance(a, ProgressiveLayerDropping)), None)
         engine, *_ = ds_pld.initialize(model=model, model_parameters=groups, config=config, lr_scheduler=scheduler,
-                                       pld=pld)
+                                       pld=find_algorithm(self.stateful, ProgressiveLayerDropping),
+                                       random_ltd=find_algorithm(self.stateful, RandomTokenDropping))
         if start_step and self.guard.state.lr_scale != 1.0:
             scale_lr(engine, self.guard.state.lr_scale)
         register_checkpoint_state(engine, [self.guard, *self.stateful])
@@ -164,7 +165,8 @@ def build_run(config: RunConfig, output_dir: str | Path, resume: bool, *, replan
     if config.earlybert is not None:
         validate_for_model(config.earlybert, model)
     guard = DivergenceGuard(config.training, checkpoint_dir, rank)
-    algorithms = build_algorithms(config.pld, config.earlybert, rewind_path=output_dir / REWIND_FILE)
+    algorithms = build_algorithms(config.pld, config.earlybert, rewind_path=output_dir / REWIND_FILE,
+                                  random_ltd=config.random_ltd)
     build_engine = EngineFactory(config, ds_config, schedule_steps, guard, algorithms,
                                  {"seed": seed, "max_steps": config.training.max_steps,
                                   "schedule_steps": schedule_steps, "init_from": started_from})
