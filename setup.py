@@ -17,7 +17,7 @@ setup(
     # The plugin core: ds_pld.initialize, PLD, EarlyBERT, LAMB and the model (its output type is transformers').
     install_requires=[
         "torch>=2.4",
-        "deepspeed>=0.19.8,<0.20",
+        "deepspeed>=0.17.6,<0.20",  # ds_pld.compat.SUPPORTED_DEEPSPEED; launch/check_deepspeed_versions.sh
         "pydantic>=2.6",  # the config blocks (DeepSpeed 0.19 needs pydantic 2 too)
         "transformers>=5",
         "numpy",
@@ -28,7 +28,7 @@ setup(
         "mpi": MPI,
         "wandb": WANDB,
         "all": TRAIN + HF + MPI + WANDB,
-        "test": ["pytest", "pytest-timeout", "mpich", "ruff", "triton"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "mpich", "ruff", "triton"],
         "triton": ["triton"],
     },
     entry_points={"console_scripts": [

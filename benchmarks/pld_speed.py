@@ -38,12 +38,13 @@ THETA = 0.5
 def ideal_ratio(config: BertConfig, seq: int, pld: bool, keep: int | None) -> float:
     """Expected layer FLOPs of a mode over the baseline's: PLD weighs layer l by its keep probability; random-LTD
     runs the middle layers on `keep` tokens."""
-    def cost(layer: int) -> float:
-        tokens = keep if keep is not None and 0 < layer < config.num_layers - 1 else seq
+    def cost(tokens: int) -> float:
         return layer_flops(config.hidden_size, config.num_heads * config.head_dim, config.intermediate_size, tokens)
 
-    weights = keep_probabilities(THETA, config.num_layers) if pld else [1.0] * config.num_layers
-    return sum(w * cost(i) for i, w in enumerate(weights)) / sum(cost(i) for i in range(config.num_layers))
+    layers = config.num_layers
+    weights = keep_probabilities(THETA, layers) if pld else [1.0] * layers
+    kept = [keep if keep is not None and 0 < i < layers - 1 else seq for i in range(layers)]
+    return sum(w * cost(n) for w, n in zip(weights, kept)) / (layers * cost(seq))
 
 
 def make_step(model, optimizer, ids, labels, with_optimizer: bool) -> Callable[[dict], float]:

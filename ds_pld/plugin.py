@@ -25,6 +25,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 
 from ds_pld.algorithms.pld import ProgressiveLayerDropping, check_pld_model
 from ds_pld.algorithms.random_ltd import RandomTokenDropping, check_random_ltd_model
+from ds_pld.compat import apply_workarounds, check_engine
 from ds_pld.config import DsPldConfig, parse_config
 from ds_pld.config_errors import ConfigError
 from ds_pld.models.zero3 import check_zero3_pld, prepare_zero3_pld
@@ -83,6 +84,7 @@ def attach(engine: DeepSpeedEngine, config: Any, pld: ProgressiveLayerDropping |
         raise ConfigError(f"{type(checkpoint_engine).__name__} is a decoupled (asynchronous) checkpoint engine: "
                           "its files may still be in flight when ds_pld marks a checkpoint complete and moves "
                           "`latest`; use DeepSpeed's default checkpoint engine ('checkpoint' block)")
+    check_engine(engine, parsed.deepspeed)
     if pld is not None and not parsed.pld.enabled:
         raise ConfigError("a PLD algorithm was given but 'progressive_layer_drop' is not enabled in the config")
     if parsed.pld.enabled:
@@ -98,6 +100,7 @@ def attach(engine: DeepSpeedEngine, config: Any, pld: ProgressiveLayerDropping |
         random_ltd = random_ltd or RandomTokenDropping(parsed.random_ltd)
         random_ltd.attach(engine)
     plugin = DsPld(engine, parsed, pld, random_ltd)
+    plugin.workaround_handles = apply_workarounds(engine)
     setattr(engine, PLUGIN_ATTR, plugin)
     bind_lamb_to_engine(engine)  # a no-op unless the base optimizer is ds_pld's Lamb
     return plugin

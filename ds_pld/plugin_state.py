@@ -42,6 +42,7 @@ class DsPld:
         self.extra_state: dict[str, Stateful] = {} if pld is None else {pld.name: pld}
         self.checkpoint_meta: dict[str, Any] = {}
         self._zero0_grad_norm: torch.Tensor | None = None
+        self.workaround_handles: list[Any] = []  # ds_pld.compat.apply_workarounds
         optimizer = _plain_fp32_optimizer(engine)
         self._norm_hook = None if optimizer is None else optimizer.register_step_pre_hook(self._keep_grad_norm)
 
@@ -63,6 +64,9 @@ class DsPld:
         return None if self.pld is None else self.pld.current_theta
 
     def detach(self) -> None:
+        for handle in self.workaround_handles:
+            handle.remove()
+        self.workaround_handles = []
         if self._norm_hook is not None:
             self._norm_hook.remove()
             self._norm_hook = None

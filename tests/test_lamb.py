@@ -457,6 +457,14 @@ def zero_report(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
+def result_of(zero_report: dict, kind: str, run: str) -> dict:
+    """One run's result; skipped where ds_pld refuses the set-up on the installed DeepSpeed (ds_pld.compat)."""
+    result = zero_report[kind][run]
+    if "refused" in result:
+        pytest.skip(f"ds_pld refuses {run} here: {result['refused']}")
+    return result
+
+
 SHARDED_FP32 = ["zero1", "zero2", "zero3", "zero2_offload_cpu", "zero3_offload_cpu"]
 BF16 = ["zero0_bf16", "zero1_bf16", "zero2_bf16", "zero3_bf16", "zero1_bf16_fp32_accum"]
 
@@ -465,7 +473,7 @@ BF16 = ["zero0_bf16", "zero1_bf16", "zero2_bf16", "zero3_bf16", "zero1_bf16_fp32
 @pytest.mark.parametrize("run", ["zero0_whole_batch"] + SHARDED_FP32)
 def test_two_rank_zero_matches_one_rank_reference(zero_report, run):
     """2 ranks, half the global batch each, 20 steps == one rank on the whole batch, every weight to 1e-5."""
-    result = zero_report["runs"][run]
+    result = result_of(zero_report, "runs", run)
     assert zero_report["world_size"] == 2
     assert result["max_rel_err"] < 1e-5, result["rel_err"]
     assert result["layout_norm_err"] < 1e-9
@@ -479,13 +487,13 @@ def test_two_rank_zero_matches_one_rank_reference(zero_report, run):
 @pytest.mark.parametrize("run", SHARDED_FP32 + BF16[1:])
 def test_one_norm_all_reduce_per_step(zero_report, run):
     """DeepSpeed steps one param group at a time; only the trust-ratio group all-reduces, once, a tiny vector."""
-    assert zero_report["runs"][run]["all_reduces_per_step"] == 1.0
+    assert result_of(zero_report, "runs", run)["all_reduces_per_step"] == 1.0
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", BF16)
 def test_bf16_runs_close_to_fp32(zero_report, run):
-    result = zero_report["runs"][run]
+    result = result_of(zero_report, "runs", run)
     assert result["loss_finite"]
     assert result["max_rel_err"] < 5e-2, result["rel_err"]
     assert result["layout_norm_err"] < 1e-9
@@ -495,7 +503,7 @@ def test_bf16_runs_close_to_fp32(zero_report, run):
 @pytest.mark.slow
 @pytest.mark.parametrize("run", ["zero0", "zero1", "zero2", "zero3", "zero1_bf16_fp32_accum"])
 def test_checkpoint_resume_keeps_optimizer_state(zero_report, run):
-    result = zero_report["checkpoint"][run]
+    result = result_of(zero_report, "checkpoint", run)
     assert result["state_equal"]            # exp_avg, exp_avg_sq, step equal after reload
     assert all(step == 10 for step in result["step_after_load"])
     assert result["max_rel_err"] == 0.0     # continuing == the uninterrupted run

@@ -145,75 +145,24 @@ def wandb_segments(out: Path) -> list[tuple[str | None, str | None, list[int]]]:
 
 # --- tests -----------------------------------------------------------------------------------------------------------
 
-def test_requeued_job_resumes_from_its_checkpoint(slurm, prepared, tmp_path):
-    """Two ranks under srun; SIGUSR1 as the time-limit warning sends it (the job checkpoints and requeues itself),
-    then `scontrol requeue` as preemption does (the ranks checkpoint on SIGTERM, SLURM requeues); every start resumes
-    where the previous one stopped, and the W&B run (rank 0 only) stays one run in the group job-<id>."""
-    config = tiny_train_config(tmp_path / "config.json", prepared, training=TRAINING)
-    out = tmp_path / "out"
-    job = submit(slurm, config, out)
-
-    wait_for("the first start to train 2 steps", lambda: last_step(out) >= 2)
-    warned = run(["scancel", "--batch", "--signal=USR1", job], slurm)  # what --signal=B:USR1@<secs> sends
-    assert warned.returncode == 0, warned.stderr
-    wait_for("the job to requeue itself", lambda: job_info(job, slurm).get("Restarts") == "1")
-    first_stop = int((out / "checkpoints" / "latest").read_text().removeprefix("global_step"))
-    assert 2 <= first_stop < MAX_STEPS
-
-    wait_for("the second start to train 2 more steps", lambda: last_step(out) >= first_stop + 2)
-    requeued = run(["scontrol", "requeue", job], slurm)
-    assert requeued.returncode == 0, requeued.stderr
-    wait_for("the requeue", lambda: job_info(job, slurm).get("Restarts") == "2")
-    info = wait_until_done(job, slurm)
-    log = log_text(out, job)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log[-4000:])
-    assert info["Restarts"] == "2"
-
-    second_stop = int(re.findall(r"resuming from checkpoint global_step(\d+)", log)[-1])
-    assert first_stop < second_stop < MAX_STEPS, log[-4000:]
-    assert f"resuming from checkpoint global_step{first_stop}" in log
-    assert "SIGUSR1" in log and f"requeueing job {job}" in log
-    assert f"stopped at step {first_stop}" in log and f"stopped at step {second_stop}" in log
-    assert log.count("launcher slurm: world size 2") == 3, "every start runs 2 srun ranks"
-
-    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, MAX_STEPS + 1))
-    assert (out / "checkpoints" / "latest").read_text() == f"global_step{MAX_STEPS}"
-    meta = read_checkpoint_meta(out / "checkpoints")
-    assert meta["world_size"] == 2 and meta["global_steps"] == MAX_STEPS
-    assert json.loads((out / "summary.json").read_text())["steps"] == MAX_STEPS
-
-    saved_id = json.loads((out / "wandb_run.json").read_text())["id"]
-    segments = wandb_segments(out)
-    assert len(segments) == 3 and all(f"-{saved_id}" in p.parent.name
-                                      for p in (out / "wandb").glob("offline-run-*/run-*.wandb")), segments
-    # The time-limit path stops the ranks with SIGUSR1, which W&B's service survives: that start's history is whole
-    # and the next start does not log it again.
-    assert segments[0] == (saved_id, f"job-{job}", list(range(1, first_stop + 1))), segments[0]
-    # `scontrol requeue` (like preemption) sends SIGTERM to every process of the step, W&B's service included, so the
-    # second start's W&B file may lack steps; unless that start closed its W&B run, the third logs them again from
-    # metrics.jsonl. Either way W&B ends up with every step.
-    third_from = first_stop + 1 if segments[2][2][:1] == [first_stop + 1] else second_stop + 1
-    assert segments[2] == (saved_id, f"job-{job}", list(range(third_from, MAX_STEPS + 1))), \
-        "all starts of a job log into one run, grouped by job id, each continuing from the checkpoint"
-    assert sorted({step for _, _, steps in segments for step in steps}) == list(range(1, MAX_STEPS + 1)), segments
-    assert not list(out.glob("wandb_run_rank*.json")), "only rank 0 logs to W&B unless log_all_ranks"
-
-
-def test_two_phases_chained_by_a_dependency(slurm, prepared, tmp_path):
+def test_two_phases_chained_by_a_dependency_with_requeues(slurm, prepared, tmp_path):
     """docs/launching.md's two-phase submission: phase 2 is submitted at once with `--after <phase 1's job id>`
-    (`--parsable` prints only the id). It waits (Reason=Dependency) while phase 1 runs and requeues itself through
-    the time-limit warning, starts once phase 1 has completed, and starts from phase 1's final/ (`--init_from`, next
-    to the `--resume` every job start passes): 64-token sequences prepared with phase 1's tokenizer, PLD's theta
-    continuing from phase 1's last step (`start_step`)."""
+    (`--parsable` prints only the id) and waits (Reason=Dependency) while phase 1 runs.
+    Phase 1 (two ranks under srun) is stopped twice: SIGUSR1 as the time-limit warning sends it (the job checkpoints
+    and requeues itself), then `scontrol requeue` as preemption does (the ranks checkpoint on SIGTERM, SLURM
+    requeues); every start resumes where the previous one stopped, and the W&B run (rank 0 only) stays one run in
+    the group job-<id>. Phase 2 starts once phase 1 has completed, from phase 1's final/ (`--init_from`, next to the
+    `--resume` every job start passes): 64-token sequences prepared with phase 1's tokenizer, PLD's theta continuing
+    from phase 1's last step (`start_step`)."""
     from ds_pld.pld import theta_at
 
-    steps = 20
-    config1 = tiny_train_config(tmp_path / "phase1.json", prepared,
-                                training={"max_steps": steps, "checkpoint_every": 10, "eval_every": 10})
+    steps = MAX_STEPS
+    config1 = tiny_train_config(tmp_path / "phase1.json", prepared, training=TRAINING)
     phase2 = json.loads(config1.read_text())
     phase2.update(data={"max_seq_length": 64}, model={**phase2["model"], "max_position_embeddings": 64},
                   progressive_layer_drop={**phase2["progressive_layer_drop"], "start_step": steps},
-                  training={"max_steps": 4, "checkpoint_every": 2, "eval_every": 2, "eval_batches": 1})
+                  training={"max_steps": 4, "checkpoint_every": 2, "eval_every": 2, "eval_batches": 1},
+                  wandb={"enabled": False})
     config2 = tmp_path / "phase2.json"
     config2.write_text(json.dumps(phase2))
     out1, out2 = tmp_path / "phase1", tmp_path / "phase2"
@@ -227,11 +176,51 @@ def test_two_phases_chained_by_a_dependency(slurm, prepared, tmp_path):
     assert waiting["Dependency"].startswith(f"afterok:{job1}"), waiting
 
     wait_for("phase 1 to train 2 steps", lambda: last_step(out1) >= 2)
-    assert run(["scancel", "--batch", "--signal=USR1", job1], slurm).returncode == 0
+    warned = run(["scancel", "--batch", "--signal=USR1", job1], slurm)  # what --signal=B:USR1@<secs> sends
+    assert warned.returncode == 0, warned.stderr
     wait_for("phase 1 to requeue itself", lambda: job_info(job1, slurm).get("Restarts") == "1")
     assert job_info(job2, slurm)["JobState"] == "PENDING", "a requeue is no end of phase 1"
+    first_stop = int((out1 / "checkpoints" / "latest").read_text().removeprefix("global_step"))
+    assert 2 <= first_stop < MAX_STEPS
+
+    wait_for("the second start to train 2 more steps", lambda: last_step(out1) >= first_stop + 2)
+    requeued = run(["scontrol", "requeue", job1], slurm)
+    assert requeued.returncode == 0, requeued.stderr
+    wait_for("the requeue", lambda: job_info(job1, slurm).get("Restarts") == "2")
     info1 = wait_until_done(job1, slurm)
-    assert info1["JobState"] == "COMPLETED", (info1, log_text(out1, job1)[-3000:])
+    log = log_text(out1, job1)
+    assert info1["JobState"] == "COMPLETED" and info1["ExitCode"] == "0:0", (info1, log[-4000:])
+    assert info1["Restarts"] == "2"
+
+    second_stop = int(re.findall(r"resuming from checkpoint global_step(\d+)", log)[-1])
+    assert first_stop < second_stop < MAX_STEPS, log[-4000:]
+    assert f"resuming from checkpoint global_step{first_stop}" in log
+    assert "SIGUSR1" in log and f"requeueing job {job1}" in log
+    assert f"stopped at step {first_stop}" in log and f"stopped at step {second_stop}" in log
+    assert log.count("launcher slurm: world size 2") == 3, "every start runs 2 srun ranks"
+
+    assert [r["step"] for r in read_metrics(out1 / "metrics.jsonl")] == list(range(1, MAX_STEPS + 1))
+    assert (out1 / "checkpoints" / "latest").read_text() == f"global_step{MAX_STEPS}"
+    meta = read_checkpoint_meta(out1 / "checkpoints")
+    assert meta["world_size"] == 2 and meta["global_steps"] == MAX_STEPS
+    assert json.loads((out1 / "summary.json").read_text())["steps"] == MAX_STEPS
+
+    saved_id = json.loads((out1 / "wandb_run.json").read_text())["id"]
+    segments = wandb_segments(out1)
+    assert len(segments) == 3 and all(f"-{saved_id}" in p.parent.name
+                                      for p in (out1 / "wandb").glob("offline-run-*/run-*.wandb")), segments
+    # The time-limit path stops the ranks with SIGUSR1, which W&B's service survives: that start's history is whole
+    # and the next start does not log it again.
+    assert segments[0] == (saved_id, f"job-{job1}", list(range(1, first_stop + 1))), segments[0]
+    # `scontrol requeue` (like preemption) sends SIGTERM to every process of the step, W&B's service included, so the
+    # second start's W&B file may lack steps; unless that start closed its W&B run, the third logs them again from
+    # metrics.jsonl. Either way W&B ends up with every step.
+    third_from = first_stop + 1 if segments[2][2][:1] == [first_stop + 1] else second_stop + 1
+    assert segments[2] == (saved_id, f"job-{job1}", list(range(third_from, MAX_STEPS + 1))), \
+        "all starts of a job log into one run, grouped by job id, each continuing from the checkpoint"
+    assert sorted({step for _, _, steps in segments for step in steps}) == list(range(1, MAX_STEPS + 1)), segments
+    assert not list(out1.glob("wandb_run_rank*.json")), "only rank 0 logs to W&B unless log_all_ranks"
+
     info2 = wait_until_done(job2, slurm)
     log2 = log_text(out2, job2)
     assert info2["JobState"] == "COMPLETED" and info2["ExitCode"] == "0:0", (info2, log2[-4000:])

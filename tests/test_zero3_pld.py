@@ -12,6 +12,7 @@ from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from deepspeed.utils import z3_leaf_module
 
 import ds_pld
+from ds_pld.compat import zero_accumulation_problem
 from ds_pld.config_errors import ConfigError
 from ds_pld.models import build_model
 from ds_pld.models.bert import PreLNLayer
@@ -89,7 +90,8 @@ def test_zero3_with_the_encoder_leaf_trains_as_zero0_and_zero2(single_rank_world
     same drops, the same losses step after step."""
     reference, _, ran = train(0)
     assert 0 < ran < STEPS * 2 * 4, "PLD should have run some layers and dropped others"
-    assert train(2)[0] == pytest.approx(reference, rel=1e-5)
+    if zero_accumulation_problem(deepspeed.__version__, 2, 2) is None:  # ds_pld refuses ZeRO-2 here before 0.18.3
+        assert train(2)[0] == pytest.approx(reference, rel=1e-5)
     losses, _, _ = train(3, checkpointing)
     assert losses == pytest.approx(reference, rel=1e-5)
 

@@ -69,8 +69,10 @@ def _check_hp_mapping(params: Sequence[torch.Tensor], starts: list[int], sizes: 
                                f"DeepSpeed maps {theirs}")
 
 
+# DeepSpeed 0.19.8 also records `round_robin_bit16_offsets` (it pads each parameter); earlier releases pack the
+# parameters back to back and record none (read with a fallback; _check_hp_mapping catches any other layout).
 ZERO12_FIELDS = ("single_partition_of_fp32_groups", "real_dp_process_group", "partition_size",
-                 "round_robin_bit16_meta", "round_robin_bit16_offsets", "round_robin_bit16_groups")
+                 "round_robin_bit16_meta", "round_robin_bit16_groups")
 BF16_FIELDS = ("fp32_groups_flat_partition", "real_dp_process_group", "bf16_groups_flat", "bf16_groups")
 ZERO3_FIELDS = ("fp32_partitioned_groups_flat", "fp16_groups", "dp_process_group")
 
@@ -91,15 +93,17 @@ def _zero12_layouts(wrapper: Any, reducer: Callable[[Any], AllReduce | None]) ->
 
     _require(wrapper, ZERO12_FIELDS)
 
+    offsets = getattr(wrapper, "round_robin_bit16_offsets", None)
     layouts = {}
     for i, flat in enumerate(wrapper.single_partition_of_fp32_groups):
         group = wrapper.real_dp_process_group[i]
         size = int(wrapper.partition_size[i])
         lo = dist.get_rank(group=group) * size
-        metas = wrapper.round_robin_bit16_meta[i]
-        starts, sizes, slots = _pieces(wrapper.round_robin_bit16_offsets[i], [m.numel() for m in metas], lo, lo + size)
+        numels = [m.numel() for m in wrapper.round_robin_bit16_meta[i]]
+        starts_of = offsets[i] if offsets is not None else [sum(numels[:k]) for k in range(len(numels))]
+        starts, sizes, slots = _pieces(starts_of, numels, lo, lo + size)
         _check_hp_mapping(wrapper.round_robin_bit16_groups[i], starts, sizes, slots)
-        layouts[flat] = ShardLayout(len(metas), tuple(starts), tuple(sizes), tuple(slots), reducer(group))
+        layouts[flat] = ShardLayout(len(numels), tuple(starts), tuple(sizes), tuple(slots), reducer(group))
     return layouts
 
 

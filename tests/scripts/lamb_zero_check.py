@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -30,6 +31,8 @@ import deepspeed  # noqa: E402
 from deepspeed import comm as dist  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 
+from ds_pld.compat import apply_workarounds, check_engine  # noqa: E402
+from ds_pld.config_errors import ConfigError  # noqa: E402
 from ds_pld.optim import Lamb, LambConfig, bind_lamb_to_engine, build_lamb  # noqa: E402
 from ds_pld.training.distributed import init_distributed, shutdown_distributed  # noqa: E402
 
@@ -100,6 +103,8 @@ def make_engine(cfg: dict[str, Any]) -> tuple[Any, Lamb]:
     lamb_cfg = LambConfig.from_optimizer_block(cfg.pop("optimizer"))
     optimizer = build_lamb(lamb_cfg, model, cfg)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
+    check_engine(engine)       # as ds_pld.attach does: what this DeepSpeed would train wrongly is refused
+    apply_workarounds(engine)
     lamb = bind_lamb_to_engine(engine)
     assert lamb is optimizer
     return engine, lamb
@@ -253,6 +258,14 @@ def run_checkpoint(stage: int, steps: int, precision: str = "fp32", **zero: Any)
                 step_after_load=[s.get("step") for s in loaded_state], total_s=time.perf_counter() - start)
 
 
+def unless_refused(run: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """The run's result, or {"refused": why} when ds_pld refuses the set-up on this DeepSpeed (ds_pld.compat)."""
+    try:
+        return run(*args, **kwargs)
+    except ConfigError as error:
+        return {"refused": str(error)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -270,23 +283,24 @@ def main() -> None:
     ref, ref_losses = reference_weights(steps)
     report: dict[str, Any] = {"world_size": world, "reference_losses": ref_losses, "runs": {}, "checkpoint": {}}
     runs = report["runs"]
-    runs["zero0_whole_batch"] = run_equivalence("zero0", ds_config(0, GLOBAL_BATCH), 0, steps, ref,
-                                                whole_batch=True)
+    equivalence = functools.partial(unless_refused, run_equivalence)
+    checkpoint = functools.partial(unless_refused, run_checkpoint)
+    runs["zero0_whole_batch"] = equivalence("zero0", ds_config(0, GLOBAL_BATCH), 0, steps, ref, whole_batch=True)
     for stage in (1, 2, 3):
-        runs[f"zero{stage}"] = run_equivalence(f"zero{stage}", ds_config(stage, micro), stage, steps, ref)
+        runs[f"zero{stage}"] = equivalence(f"zero{stage}", ds_config(stage, micro), stage, steps, ref)
     for stage in (2, 3):
-        runs[f"zero{stage}_offload_cpu"] = run_equivalence(
+        runs[f"zero{stage}_offload_cpu"] = equivalence(
             f"zero{stage}_offload", ds_config(stage, micro, offload_optimizer={"device": "cpu"}), stage, steps, ref)
-    runs["zero0_bf16"] = run_equivalence("zero0_bf16", ds_config(0, GLOBAL_BATCH, "bf16"), 0, steps, ref,
-                                         whole_batch=True)
+    runs["zero0_bf16"] = equivalence("zero0_bf16", ds_config(0, GLOBAL_BATCH, "bf16"), 0, steps, ref,
+                                     whole_batch=True)
     for stage in (1, 2, 3):
-        runs[f"zero{stage}_bf16"] = run_equivalence(f"zero{stage}_bf16", ds_config(stage, micro, "bf16"), stage,
-                                                    steps, ref)
-    runs["zero1_bf16_fp32_accum"] = run_equivalence("bf16_optimizer", ds_config(1, micro, "bf16-fp32-accum"), 1,
-                                                    steps, ref)
+        runs[f"zero{stage}_bf16"] = equivalence(f"zero{stage}_bf16", ds_config(stage, micro, "bf16"), stage, steps,
+                                                ref)
+    runs["zero1_bf16_fp32_accum"] = equivalence("bf16_optimizer", ds_config(1, micro, "bf16-fp32-accum"), 1, steps,
+                                                ref)
     for stage in (0, 1, 2, 3):
-        report["checkpoint"][f"zero{stage}"] = run_checkpoint(stage, steps)
-    report["checkpoint"]["zero1_bf16_fp32_accum"] = run_checkpoint(1, steps, "bf16-fp32-accum")
+        report["checkpoint"][f"zero{stage}"] = checkpoint(stage, steps)
+    report["checkpoint"]["zero1_bf16_fp32_accum"] = checkpoint(1, steps, "bf16-fp32-accum")
 
     report["total_s"] = time.perf_counter() - t0
     if dist.get_rank() == 0:
@@ -294,10 +308,16 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
         for key, run in runs.items():
+            if "refused" in run:
+                print(f"{key:24s} refused: {run['refused']}")
+                continue
             print(f"{key:24s} {run['wrapper']:30s} max_rel_err={run['max_rel_err']:.2e} "
                   f"layout_err={run['layout_norm_err']:.1e} total={run['total_s']:.1f}s "
                   f"all_reduces/step={run['all_reduces_per_step']:.1f} stats={run['trust_ratio_stats']}")
         for key, run in report["checkpoint"].items():
+            if "refused" in run:
+                print(f"checkpoint {key:24s} refused: {run['refused']}")
+                continue
             print(f"checkpoint {key:24s} state_equal={run['state_equal']} max_rel_err={run['max_rel_err']:.2e} "
                   f"total={run['total_s']:.1f}s")
     shutdown_distributed()
