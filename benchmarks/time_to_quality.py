@@ -92,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.forwarded = list(argv if argv is not None else sys.argv[1:])
     if args.smoke:
-        args.layers, args.hidden, args.heads, args.batch, args.budget_s = 2, 32, 2, 8, 1.5
+        # 3 layers: random-LTD needs a middle one; the budgets are seconds, so a layer more costs no time
+        args.layers, args.hidden, args.heads, args.batch, args.budget_s = 3, 32, 2, 8, 1.5
         args.lr_grid, args.thetas, args.limited_sequences, args.eval_batches = (2e-3,), (0.5, 0.9), 32, 2
         args.downstream_per_class, args.finetune_max_steps, args.seeds = (4, 2), 3, (0, 1)
     factors = {}
@@ -208,7 +209,15 @@ def check_settings(args: argparse.Namespace, out: Path) -> None:
     if saved is None:
         write_atomic(out / SETTINGS_FILE, current)
         return
+    # A study setting added to the script since the folder was started (random-LTD's arms) extends the study: runs are
+    # keyed by their own spec, so the finished ones stay valid. It is recorded, and said.
+    added = sorted(set(current["settings_dict"]) - set(saved.get("settings_dict", {})))
+    if added:
+        saved["settings_dict"] = {**saved["settings_dict"], **{key: current["settings_dict"][key] for key in added}}
+        print(f"[ttq] settings added since this study started: {', '.join(added)}; the finished runs are kept")
     changed = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
+    if not changed and added:
+        write_atomic(out / SETTINGS_FILE, current)
     if changed:
         raise SystemExit(f"error: '{out}' holds a study with other settings ({', '.join(changed)} differ; see "
                          f"{out / SETTINGS_FILE}); use another --out or the same settings")

@@ -215,10 +215,11 @@ def watch(engine) -> list[TokenDrop]:
     return seen
 
 
-def test_engine_follows_deepspeeds_schedule_and_resumes_it(single_rank_world, tmp_path):
+@pytest.mark.parametrize("stage", [0, 2])
+def test_engine_follows_deepspeeds_schedule_and_resumes_it(single_rank_world, tmp_path, stage):
     from deepspeed.runtime.data_pipeline.data_routing.scheduler import RandomLTDScheduler
 
-    config = engine_config()
+    config = {**engine_config(), "zero_optimization": {"stage": stage}}
     engine, *_ = ds_pld.initialize(model=tiny_model(), config=copy.deepcopy(config))
     straight = train(engine, 8, watch(engine))
     reference = RandomLTDScheduler({**config["data_efficiency"]["data_routing"]["random_ltd"],

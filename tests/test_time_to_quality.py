@@ -94,7 +94,7 @@ def test_plan_orders_the_sweeps_first_and_shares_identical_runs() -> None:
     groups = {g.name: g for g in plan.ready_groups(SETTINGS, results)}
     assert list(groups)[:3] == ["lr sweep post-LN", "theta sweep, data-rich seed 0", "data-rich seed 0"]
     # While theta_bar is unknown the arms without PLD go ahead; baseline seed 0 is the sweep's run at 2e-3.
-    assert [r.arm for r in groups["data-rich seed 0"].runs] == ["earlybert"]
+    assert [r.arm for r in groups["data-rich seed 0"].runs] == ["earlybert", "random-ltd"]
     assert [r.arm for r in groups["data-limited seed 2"].runs] == ["baseline", "earlybert"]
     assert not any(name.startswith("post-ln") for name in groups)  # waits for the post-LN sweep
     results.update({run.key: _result(5.5 - 0.1 * (theta == 0.75))
@@ -102,9 +102,11 @@ def test_plan_orders_the_sweeps_first_and_shares_identical_runs() -> None:
     assert plan.choices(SETTINGS, results).theta == 0.75
     groups = {g.name: g for g in plan.ready_groups(SETTINGS, results)}
     # PLD at the chosen theta, seed 0, is the sweep's run: not trained again
-    assert [r.arm for r in groups["data-rich seed 0"].runs] == ["earlybert", "pld+earlybert"]
+    assert [r.arm for r in groups["data-rich seed 0"].runs] == ["earlybert", "pld+earlybert", "random-ltd",
+                                                                "pld+random-ltd", "pld+earlybert+random-ltd"]
     assert [(r.arm, r.theta) for r in groups["data-rich seed 1"].runs if r.uses_pld] == [
-        ("pld", 0.75), ("pld+earlybert", 0.75)]
+        ("pld", 0.75), ("pld+earlybert", 0.75), ("pld+random-ltd", 0.75), ("pld+earlybert+random-ltd", 0.75)]
+    assert [r.arm for r in groups["data-rich seed 1"].runs if r.uses_random_ltd] == list(plan.LTD_ARMS)
     limited = groups["data-limited seed 1"].runs
     assert len(limited) == 4 and all(r.train_sequences == SETTINGS.limited_sequences and r.dropout == 0.1
                                      for r in limited)
@@ -114,9 +116,10 @@ def test_plan_orders_the_sweeps_first_and_shares_identical_runs() -> None:
 
 
 def test_the_study_counts_shared_runs_once() -> None:
-    # sweeps 3 + 3 + 3; data-rich 12 less baseline and PLD of seed 0 (the sweeps' runs); data-limited 12; post-LN: the
-    # post-LN baseline at seeds 1 and 2 (seed 0 is its sweep's run; the pre-LN arms are data-rich's)
-    assert plan.count_runs(SETTINGS) == 9 + 10 + 12 + 2
+    # sweeps 3 + 3 + 3; data-rich 7 arms x 3 seeds (the 4 arms and the 3 random-LTD ones) less baseline and PLD of
+    # seed 0 (the sweeps' runs); data-limited 4 arms x 3; post-LN: the post-LN baseline at seeds 1 and 2 (seed 0 is
+    # its sweep's run; the pre-LN arms are data-rich's)
+    assert plan.count_runs(SETTINGS) == 9 + 19 + 12 + 2
 
 
 def test_a_diverged_run_never_wins_a_sweep() -> None:
@@ -141,7 +144,8 @@ def _regime_results(arm_final: dict[str, float], speed: dict[str, float]) -> dic
 
 
 def test_report_verdicts_on_constructed_regimes() -> None:
-    finals = {"baseline": 5.0, "pld": 5.0, "earlybert": 5.2, "pld+earlybert": 4.9}
+    finals = {"baseline": 5.0, "pld": 5.0, "earlybert": 5.2, "pld+earlybert": 4.9, "random-ltd": 5.0,
+              "pld+random-ltd": 5.0, "pld+earlybert+random-ltd": 5.1}
     results = _regime_results(finals, speed={"pld": 0.7})  # PLD gets to the same loss at 0.7 of the time
     summary = report.regime_summary(SETTINGS, plan.DATA_RICH, results, {})
     arms = summary["arms"]
@@ -153,7 +157,8 @@ def test_report_verdicts_on_constructed_regimes() -> None:
     assert summary["goals"]["pld"]["downstream_within_1pt"] is None  # nothing fine-tuned: not claimed
     assert not summary["goals"]["pld"]["met"]
     picked = plan.Choices(pre_lr=2e-3, post_lr=1e-3, theta=0.5)
-    accuracy = {"baseline": 0.80, "pld": 0.83, "earlybert": 0.77, "pld+earlybert": 0.795}
+    accuracy = {"baseline": 0.80, "pld": 0.83, "earlybert": 0.77, "pld+earlybert": 0.795, "random-ltd": 0.80,
+                "pld+random-ltd": 0.80, "pld+earlybert+random-ltd": 0.80}
     downstream = {run.key: {"accuracy": accuracy[arm] + 0.001 * seed}
                   for (arm, seed), run in plan.regime_runs(SETTINGS, plan.DATA_RICH, picked).items()}
     scored = report.regime_summary(SETTINGS, plan.DATA_RICH, results, downstream)
@@ -199,7 +204,7 @@ def test_smoke_study_runs_every_regime_and_resumes(tmp_path: Path, synthetic_wor
     assert set(rich) == {*plan.ARMS, "pld+earlybert+random-ltd"}
     ltd = [r for r in study["results"].values() if r["spec"]["arm"] == "pld+earlybert+random-ltd"]
     assert len(ltd) == 2 and all(r["mean_ltd_tokens"] < 32 for r in ltd), "random-LTD keeps fewer tokens at first"
-    assert max(rich["pld"]["mean_layers_run"]) < 2 and all(s is not None for s in [
+    assert max(rich["pld"]["mean_layers_run"]) < 3 and all(s is not None for s in [
         r["earlybert_drawn_step"] for r in study["results"].values() if "earlybert" in r["spec"]["arm"]])
     limited = study["regimes"][plan.DATA_LIMITED]["arms"]["baseline"]
     assert all(math.isfinite(v) for v in limited["final_train_loss"])
