@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, launcher_env, run_deepspeed, tiny_train_config
+from transformers import AutoModelForMaskedLM
 from wandb_records import history, logged_steps, run_files, run_id
 
 from ds_pld.config_errors import ConfigError
+from ds_pld.export.hf import export_hf
+from ds_pld.models.io import load_pretrained
 from ds_pld.training.metrics import read_metrics
 from ds_pld.training.run import resolve_batch_sizes
 
@@ -59,8 +62,6 @@ def test_two_rank_run_learns_and_writes_metrics_plot_and_model(straight):
     validation = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in validation] == [6, 12] and 0 <= validation[-1]["val_accuracy"] <= 1
     assert (straight / "curves.png").stat().st_size > 10_000
-    from ds_pld.models.io import load_pretrained
-
     model = load_pretrained(straight / "final")
     assert model.config.num_layers == 3 and (straight / "final" / "tokenizer").is_dir()
 
@@ -172,7 +173,8 @@ def test_earlybert_with_pld_and_random_ltd_under_zero3_searches_draws_prunes_and
     """The three speed-ups together under ZeRO-3 on 2 ranks: EarlyBERT searches and draws while PLD drops layers
     and random-LTD drops tokens; the coefficients are read through the partitioned fp32 masters, the model is
     gathered, pruned and re-partitioned by a rebuilt engine that continues DeepSpeed's token schedule, and a resume
-    rebuilds the slim model from the sharded checkpoint and keeps that schedule."""
+    rebuilds the slim model from the sharded checkpoint and keeps that schedule; the Hugging Face export of the
+    result carries no random-LTD state and computes the same logits over every token."""
     config = json.loads(tiny_train_config(tmp_path / "config.json", prepared,
                                           zero_optimization={"stage": 3}).read_text())
     config["model"]["num_heads"] = 4
@@ -204,9 +206,14 @@ def test_earlybert_with_pld_and_random_ltd_under_zero3_searches_draws_prunes_and
     schedule = deepspeed_token_schedule(RANDOM_LTD, STEPS)
     assert [r["ltd_tokens"] for r in records] == schedule and schedule[0] == 8 and schedule[-1] == 32
     assert all(b["ltd_layer_tokens"] > a["ltd_layer_tokens"] for a, b in zip(records, records[1:]))
-    from ds_pld.models.io import load_pretrained
-
     final = load_pretrained(out / "final")
     assert final.config.layer_heads == (3, 3, 3)
     assert sum(final.config.layer_intermediate) == round(0.6 * 3 * 512)
     assert not any("random_ltd" in file.read_text() for file in (out / "final").glob("*.json"))
+    hf_dir = export_hf(out / "final", tmp_path / "hf")  # the export runs every token, as eval does
+    assert not any("random_ltd" in file.read_text() for file in hf_dir.glob("*.json"))
+    hf = AutoModelForMaskedLM.from_pretrained(hf_dir).eval()
+    final.eval()
+    ids = torch.randint(5, final.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, final(input_ids=ids).logits, atol=1e-5, rtol=0)
