@@ -3,6 +3,7 @@ fraction of the tokens) and both, against the same model without them, measured 
 interleaved so machine noise hits every mode alike; at one or more sequence lengths.
 
     python benchmarks/pld_speed.py --preset bert-base --tokens 512 --seq 128 512 --iters 12
+    python benchmarks/pld_speed.py --preset bert-base --tokens 512 --seq 128 --ltd_fraction 0.25 0.5 0.75
 
 Each mode's time ratio against the baseline is printed next to its ideal from the layers' matmul FLOPs
 (benchmarks/flops.py): PLD runs the expected 8.75 of 12 layers at theta 0.5 whatever the sequence; random-LTD's
@@ -66,18 +67,20 @@ def measure(args: argparse.Namespace, model, optimizer, seq: int) -> list[tuple[
     batch = max(1, args.tokens // seq)
     ids = torch.randint(5, config.vocab_size, (batch, seq), device=device)
     labels = torch.where(torch.rand(ids.shape, device=device) < 0.15, ids, -100)
-    keep = max(1, round(args.ltd_fraction * seq))
     middle = tuple(range(1, config.num_layers - 1))
+    pld = {"progressive_layer_drop": True, "pld_theta": THETA}
     modes: dict[str, tuple[Callable[[int], dict], float]] = {
         "baseline": (lambda i: {}, 1.0),
-        f"PLD theta={THETA}": (lambda i: {"progressive_layer_drop": True, "pld_theta": THETA,
-                                          "pld_seed": drop_seed(0, i, 0)}, ideal_ratio(config, seq, True, None)),
-        f"random-LTD {keep}/{seq}": (lambda i: {"random_ltd": TokenDrop(keep, middle)},
-                                     ideal_ratio(config, seq, False, keep)),
-        "PLD + random-LTD": (lambda i: {"progressive_layer_drop": True, "pld_theta": THETA,
-                                        "pld_seed": drop_seed(0, i, 0), "random_ltd": TokenDrop(keep, middle)},
-                             ideal_ratio(config, seq, True, keep)),
+        f"PLD theta={THETA}": (lambda i: {**pld, "pld_seed": drop_seed(0, i, 0)},
+                               ideal_ratio(config, seq, True, None)),
     }
+    for fraction in args.ltd_fraction:
+        drop = TokenDrop(max(1, round(fraction * seq)), middle)
+        modes[f"random-LTD {drop.keep}/{seq}"] = (lambda i, drop=drop: {"random_ltd": drop},
+                                                  ideal_ratio(config, seq, False, drop.keep))
+        modes[f"PLD + random-LTD {drop.keep}/{seq}"] = (
+            lambda i, drop=drop: {**pld, "pld_seed": drop_seed(0, i, 0), "random_ltd": drop},
+            ideal_ratio(config, seq, True, drop.keep))
     step = make_step(model, optimizer, ids, labels, args.with_optimizer)
     times: dict[str, list[float]] = {name: [] for name in modes}
     for i in range(args.warmup + args.iters):
@@ -95,7 +98,8 @@ def main() -> None:
     parser.add_argument("--preset", default="bert-base")
     parser.add_argument("--seq", type=int, nargs="+", default=[128, 512], help="sequence lengths")
     parser.add_argument("--tokens", type=int, default=512, help="tokens per step (batch = tokens / seq)")
-    parser.add_argument("--ltd_fraction", type=float, default=0.5, help="share of tokens random-LTD keeps")
+    parser.add_argument("--ltd_fraction", type=float, nargs="+", default=[0.5],
+                        help="shares of the tokens random-LTD keeps (a random-LTD and a PLD + random-LTD mode each)")
     parser.add_argument("--iters", type=int, default=12, help="timed steps per mode and sequence length")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--with_optimizer", action="store_true",
@@ -113,7 +117,7 @@ def main() -> None:
           f"device {device}, torch {torch.__version__}")
     print(f"model {args.preset} (L={config.num_layers}), {args.tokens} tokens per step, {args.iters} timed steps per "
           f"mode, optimizer step {'included' if args.with_optimizer else 'excluded'}; random-LTD on layers 2-"
-          f"{config.num_layers - 1} (1-based) keeping {args.ltd_fraction:.0%} of the tokens")
+          f"{config.num_layers - 1} (1-based) keeping {', '.join(f'{f:.0%}' for f in args.ltd_fraction)} of the tokens")
     print("| seq | attention share of a layer | mode | median step (s) | time ratio | ideal (layer FLOPs) |")
     print("|---|---|---|---|---|---|")
     for seq in args.seq:
