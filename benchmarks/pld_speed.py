@@ -68,19 +68,20 @@ def measure(args: argparse.Namespace, model, optimizer, seq: int) -> list[tuple[
     ids = torch.randint(5, config.vocab_size, (batch, seq), device=device)
     labels = torch.where(torch.rand(ids.shape, device=device) < 0.15, ids, -100)
     middle = tuple(range(1, config.num_layers - 1))
-    pld = {"progressive_layer_drop": True, "pld_theta": THETA}
+
+    def pld(i: int, **extra) -> dict:
+        return {"progressive_layer_drop": True, "pld_theta": THETA, "pld_seed": drop_seed(0, i, 0), **extra}
+
     modes: dict[str, tuple[Callable[[int], dict], float]] = {
         "baseline": (lambda i: {}, 1.0),
-        f"PLD theta={THETA}": (lambda i: {**pld, "pld_seed": drop_seed(0, i, 0)},
-                               ideal_ratio(config, seq, True, None)),
+        f"PLD theta={THETA}": (pld, ideal_ratio(config, seq, True, None)),
     }
     for fraction in args.ltd_fraction:
         drop = TokenDrop(max(1, round(fraction * seq)), middle)
         modes[f"random-LTD {drop.keep}/{seq}"] = (lambda i, drop=drop: {"random_ltd": drop},
                                                   ideal_ratio(config, seq, False, drop.keep))
-        modes[f"PLD + random-LTD {drop.keep}/{seq}"] = (
-            lambda i, drop=drop: {**pld, "pld_seed": drop_seed(0, i, 0), "random_ltd": drop},
-            ideal_ratio(config, seq, True, drop.keep))
+        modes[f"PLD + random-LTD {drop.keep}/{seq}"] = (lambda i, drop=drop: pld(i, random_ltd=drop),
+                                                        ideal_ratio(config, seq, True, drop.keep))
     step = make_step(model, optimizer, ids, labels, args.with_optimizer)
     times: dict[str, list[float]] = {name: [] for name in modes}
     for i in range(args.warmup + args.iters):
